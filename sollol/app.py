@@ -1,0 +1,132 @@
+"""The Starlette application: routes, error handling and the router's lifespan."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .cluster import Cluster
+from .config import Settings
+from .errors import SollolError, openai_error_body
+from .history import HistoryWriter, create_history_engine
+from .openai_api import OpenAIRoutes
+from .proxy import Proxy
+from .upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+_HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
+
+
+def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
+    """Build the router app.
+
+    With ``probe_nodes`` False the lifespan neither probes nodes nor runs the
+    health loop, so tests can set node state by hand.
+    """
+    cluster = Cluster(settings.nodes)
+    client = UpstreamClient(
+        connect_timeout_s=settings.connect_timeout_s,
+        read_timeout_s=settings.read_timeout_s,
+        max_connections=settings.max_upstream_connections,
+    )
+    history = HistoryWriter(create_history_engine(settings.database_url))
+    proxy = Proxy(cluster=cluster, client=client, history=history, settings=settings)
+    openai_routes = OpenAIRoutes(proxy, max_body_bytes=settings.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await client.start()
+        history.start()
+        health_task = None
+        if probe_nodes:
+            await cluster.refresh(client, timeout_s=settings.connect_timeout_s)
+            health_task = asyncio.create_task(
+                cluster.run_health_loop(
+                    client,
+                    interval_s=settings.health_interval_s,
+                    timeout_s=settings.connect_timeout_s,
+                ),
+                name="sollol-health",
+            )
+        try:
+            yield
+        finally:
+            if health_task is not None:
+                health_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await health_task
+            await client.close()
+            await asyncio.to_thread(history.close)
+
+    async def health(request: Request) -> Response:
+        nodes = [
+            {
+                "name": node.name,
+                "kind": node.kind.value,
+                "url": node.url,
+                "healthy": node.healthy,
+                "models": sorted(node.models),
+                "in_flight": int(cluster.in_flight[node.index]),
+                "served": node.served_total,
+                "last_error": node.last_error,
+            }
+            for node in cluster.nodes
+        ]
+        healthy = any(node.healthy for node in cluster.nodes)
+        body = {"status": "ok" if healthy else "unavailable", "nodes": nodes}
+        return Response(
+            orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json"
+        )
+
+    app = Starlette(
+        routes=[Route("/health", health, methods=["GET"]), *openai_routes.routes()],
+        exception_handlers={
+            SollolError: _sollol_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.cluster = cluster
+    app.state.history = history
+    app.state.client = client
+    return app
+
+
+async def _sollol_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SollolError)
+    return Response(
+        exc.to_body(),
+        status_code=exc.status_code,
+        headers=exc.headers,
+        media_type="application/json",
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return Response(
+        openai_error_body(message, error_type),
+        status_code=exc.status_code,
+        headers=exc.headers,
+        media_type="application/json",
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(
+        openai_error_body("internal router error; see the router log", "server_error"),
+        status_code=500,
+        media_type="application/json",
+    )

@@ -1,0 +1,127 @@
+"""The ``sollol`` command: serve, demo, make-model."""
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"sollol: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sollol",
+        description="OpenAI-compatible router in front of Ollama and llama.cpp nodes.",
+    )
+    parser.add_argument("--version", action="version", version=f"sollol {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the router")
+    serve.add_argument("--config", type=Path, help="TOML config file")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8000)")
+    serve.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="[KIND=]URL",
+        help="add a node, e.g. llamacpp=http://127.0.0.1:8080; KIND is llamacpp, ollama "
+        "or openai (the default); repeat for more nodes",
+    )
+    serve.add_argument("--database-url", help="SQLAlchemy URL of the request history")
+    serve.add_argument("--max-body-bytes", type=int, help="largest request body accepted, in bytes")
+    serve.set_defaults(handler=_serve_command)
+
+    demo = commands.add_parser(
+        "demo", help="start two llama-server nodes on a generated tiny model and the router"
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="router address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("sollol-demo"),
+        help="folder for the model, node logs and the SQLite history (default ./sollol-demo)",
+    )
+    demo.set_defaults(handler=_demo_command)
+
+    make_model = commands.add_parser(
+        "make-model", help="write the tiny random-weight llama GGUF used by the demo and tests"
+    )
+    make_model.add_argument("path", type=Path, help="output .gguf file")
+    make_model.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    make_model.set_defaults(handler=_make_model_command)
+    return parser
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        args.config,
+        overrides={
+            "host": args.host,
+            "port": args.port,
+            "database_url": args.database_url,
+            "max_body_bytes": args.max_body_bytes,
+        },
+        extra_nodes=args.node,
+    )
+    if not settings.nodes:
+        raise ConfigError(
+            "no nodes configured: pass --node URL, set SOLLOL_NODES, or add [[nodes]] "
+            "to a config file"
+        )
+    from .server import run
+
+    run(lambda: serve_router(settings))
+    return 0
+
+
+async def serve_router(settings: Settings) -> None:
+    """Bind, print the address, and serve until SIGINT or SIGTERM."""
+    from .app import create_app
+    from .server import base_url_of, bind_socket, install_signal_handlers, serve_app
+
+    sock = bind_socket(settings.host, settings.port)
+    app = create_app(settings)
+    shutdown = asyncio.Event()
+    install_signal_handlers(shutdown)
+    url = base_url_of(sock)
+    print(f"sollol: listening on {url} (OpenAI base_url {url}/v1)", flush=True)
+    try:
+        await serve_app(app, sock, shutdown_event=shutdown)
+    finally:
+        sock.close()
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(host=args.host, port=args.port, workdir=args.workdir)
+
+
+def _make_model_command(args: argparse.Namespace) -> int:
+    from .tinymodel import write_tiny_model
+
+    path = write_tiny_model(args.path, seed=args.seed)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return 0

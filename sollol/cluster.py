@@ -1,0 +1,175 @@
+"""Cluster state: the nodes, their health and models, and requests in flight.
+
+The request path reads only precomputed arrays: ``in_flight`` (one int64 per
+node) and, per model, the indices of healthy nodes that serve it. Those
+candidate arrays are rebuilt only when health or a model list changes, never
+per request.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import NodeConfig, NodeKind
+from .routing.select import least_loaded
+from .upstream import UpstreamClient, UpstreamConnectionError
+
+log = logging.getLogger(__name__)
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(slots=True)
+class Node:
+    config: NodeConfig
+    index: int
+    healthy: bool = False
+    # Set from the config, else from the node's model listing.
+    models: frozenset[str] = frozenset()
+    last_error: str | None = None
+    checked_at: float = 0.0
+    served_total: int = field(default=0)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def kind(self) -> NodeKind:
+        return self.config.kind
+
+
+class Cluster:
+    def __init__(self, nodes: Iterable[NodeConfig]) -> None:
+        self.nodes = [
+            Node(config=config, index=index, models=frozenset(config.models))
+            for index, config in enumerate(nodes)
+        ]
+        self.in_flight = np.zeros(len(self.nodes), dtype=np.int64)
+        self._candidates: dict[str, np.ndarray] = {}
+        self._turn = 0
+
+    # -- request path ----------------------------------------------------
+
+    def knows_model(self, model: str) -> bool:
+        """Return True when any node, healthy or not, lists the model."""
+        return any(model in node.models for node in self.nodes)
+
+    def choose(self, model: str, exclude: frozenset[int] = frozenset()) -> Node | None:
+        """Pick the healthy node serving ``model`` with the fewest requests in flight."""
+        candidates = self._candidates.get(model, _EMPTY)
+        if exclude:
+            candidates = candidates[~np.isin(candidates, list(exclude))]
+        self._turn += 1
+        index = least_loaded(self.in_flight, candidates, self._turn)
+        return None if index < 0 else self.nodes[index]
+
+    def acquire(self, node: Node) -> None:
+        self.in_flight[node.index] += 1
+
+    def release(self, node: Node) -> None:
+        self.in_flight[node.index] -= 1
+        node.served_total += 1
+
+    def healthy_models(self) -> list[str]:
+        models: set[str] = set()
+        for node in self.nodes:
+            if node.healthy:
+                models |= node.models
+        return sorted(models)
+
+    # -- health ----------------------------------------------------------
+
+    def mark_unreachable(self, node: Node, error: str) -> None:
+        """Take a node out of rotation after a failed request; the next probe may restore it."""
+        if node.healthy:
+            log.warning("node %s marked unhealthy: %s", node.name, error)
+        node.healthy = False
+        node.last_error = error
+        self._rebuild_candidates()
+
+    async def refresh(self, client: UpstreamClient, timeout_s: float) -> None:
+        """Probe every node once, concurrently, and update health and model lists."""
+        await asyncio.gather(*(self._probe(client, node, timeout_s) for node in self.nodes))
+        self._rebuild_candidates()
+
+    async def run_health_loop(
+        self, client: UpstreamClient, *, interval_s: float, timeout_s: float
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.refresh(client, timeout_s)
+
+    async def _probe(self, client: UpstreamClient, node: Node, timeout_s: float) -> None:
+        was_healthy = node.healthy
+        try:
+            healthy, models, detail = await _probe_node(client, node, timeout_s)
+        except UpstreamConnectionError as exc:
+            healthy, models, detail = False, None, str(exc)
+        node.checked_at = time.monotonic()
+        node.healthy = healthy
+        node.last_error = None if healthy else detail
+        if models is not None and not node.config.models:
+            node.models = frozenset(models)
+        if healthy != was_healthy:
+            if healthy:
+                log.info("node %s is healthy, serving %s", node.name, sorted(node.models))
+            else:
+                log.warning("node %s is unhealthy: %s", node.name, detail)
+
+    def _rebuild_candidates(self) -> None:
+        by_model: dict[str, list[int]] = {}
+        for node in self.nodes:
+            if node.healthy:
+                for model in node.models:
+                    by_model.setdefault(model, []).append(node.index)
+        self._candidates = {
+            model: np.asarray(indices, dtype=np.int64) for model, indices in by_model.items()
+        }
+
+
+async def _probe_node(
+    client: UpstreamClient, node: Node, timeout_s: float
+) -> tuple[bool, list[str] | None, str]:
+    """Return (healthy, discovered models or None, detail) for one node.
+
+    llama-server answers 503 on every route while it loads its model, so a 503
+    there means "not ready yet"; the node joins once /health returns 200.
+    """
+    if node.kind is NodeKind.LLAMACPP:
+        status, _ = await client.get(node.url + "/health", timeout_s=timeout_s)
+        if status != 200:
+            return False, None, "loading" if status == 503 else f"/health returned HTTP {status}"
+    elif node.kind is NodeKind.OLLAMA:
+        status, _ = await client.get(node.url + "/api/version", timeout_s=timeout_s)
+        if status != 200:
+            return False, None, f"/api/version returned HTTP {status}"
+
+    if node.config.models:
+        if node.kind is NodeKind.OPENAI:
+            status, _ = await client.get(node.url + "/v1/models", timeout_s=timeout_s)
+            if status != 200:
+                return False, None, f"/v1/models returned HTTP {status}"
+        return True, None, "ok"
+
+    if node.kind is NodeKind.OLLAMA:
+        status, body = await client.get(node.url + "/api/tags", timeout_s=timeout_s)
+        if status != 200:
+            return False, None, f"/api/tags returned HTTP {status}"
+        listing = body.get("models") if isinstance(body, dict) else None
+        names = [entry.get("name") for entry in listing or [] if isinstance(entry, dict)]
+    else:
+        status, body = await client.get(node.url + "/v1/models", timeout_s=timeout_s)
+        if status != 200:
+            return False, None, f"/v1/models returned HTTP {status}"
+        listing = body.get("data") if isinstance(body, dict) else None
+        names = [entry.get("id") for entry in listing or [] if isinstance(entry, dict)]
+    return True, [name for name in names if isinstance(name, str) and name], "ok"

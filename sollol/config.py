@@ -1,0 +1,193 @@
+"""Router settings from a TOML file, ``SOLLOL_*`` environment variables and the command line.
+
+Later sources override earlier ones: defaults, then the file, then the
+environment, then command-line flags. A minimal file::
+
+    [server]
+    port = 8000
+    database_url = "sqlite:///sollol-history.db"
+
+    [[nodes]]
+    name = "box-1"
+    kind = "llamacpp"          # llamacpp | ollama | openai
+    url = "http://127.0.0.1:8080"
+    models = ["tiny"]          # optional: discovered from the node when left out
+"""
+
+import dataclasses
+import enum
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the setting and its source."""
+
+
+class NodeKind(enum.StrEnum):
+    LLAMACPP = "llamacpp"
+    OLLAMA = "ollama"
+    OPENAI = "openai"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    url: str
+    kind: NodeKind = NodeKind.OPENAI
+    name: str = ""
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        url = self.url.rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"node URL {self.url!r} is invalid: expected http://HOST:PORT")
+        if parts.path not in ("", "/"):
+            raise ConfigError(
+                f"node URL {self.url!r} must not carry a path; give the server's base URL"
+            )
+        object.__setattr__(self, "url", url)
+        if not self.name:
+            object.__setattr__(self, "name", parts.netloc)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str = "sqlite:///sollol-history.db"
+    max_body_bytes: int = 16 * 1024 * 1024
+    health_interval_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    # Longest silence allowed between two reads from a node; a long prompt's
+    # prefill on a CPU node can take minutes before the first byte.
+    read_timeout_s: float = 600.0
+    max_attempts: int = 2
+    retry_after_s: int = 2
+    max_upstream_connections: int = 256
+    nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
+
+
+_SERVER_KEYS = {f.name: f.type for f in dataclasses.fields(Settings) if f.name != "nodes"}
+
+
+def parse_node_spec(spec: str) -> NodeConfig:
+    """Parse a ``--node`` value: ``URL`` or ``KIND=URL``, e.g. ``llamacpp=http://127.0.0.1:8080``."""
+    kind = NodeKind.OPENAI
+    url = spec.strip()
+    if "=" in url and not url.startswith(("http://", "https://")):
+        kind_text, url = url.split("=", 1)
+        kind = _parse_kind(kind_text, source=f"--node {spec!r}")
+    return NodeConfig(url=url, kind=kind)
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    extra_nodes: Sequence[str] = (),
+) -> Settings:
+    """Merge defaults, the TOML file, ``SOLLOL_*`` variables and command-line overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    nodes: list[NodeConfig] = []
+
+    if config_path is not None:
+        path = Path(config_path)
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        values.update(_server_section(document.get("server", {}), source=str(path)))
+        nodes.extend(_node_tables(document.get("nodes", []), source=str(path)))
+
+    for key in _SERVER_KEYS:
+        env_name = f"SOLLOL_{key.upper()}"
+        if env_name in environ:
+            values[key] = _coerce(key, environ[env_name], source=env_name)
+    if environ.get("SOLLOL_NODES"):
+        nodes.extend(
+            parse_node_spec(spec) for spec in environ["SOLLOL_NODES"].split(",") if spec.strip()
+        )
+
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, source=f"--{key.replace('_', '-')}")
+    nodes.extend(parse_node_spec(spec) for spec in extra_nodes)
+
+    names = [node.name for node in nodes]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"node names must be unique; repeated: {', '.join(duplicates)}")
+    return Settings(**values, nodes=tuple(nodes))
+
+
+def _server_section(table: Any, *, source: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [server] must be a table")
+    unknown = sorted(set(table) - set(_SERVER_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown [server] keys: {', '.join(unknown)}")
+    return {key: _coerce(key, value, source=f"{source} [server] {key}") for key, value in table.items()}
+
+
+def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
+    if not isinstance(tables, list):
+        raise ConfigError(f"{source}: nodes must be an array of tables ([[nodes]])")
+    nodes = []
+    for position, table in enumerate(tables):
+        where = f"{source} [[nodes]] #{position + 1}"
+        if not isinstance(table, dict) or "url" not in table:
+            raise ConfigError(f"{where}: missing url")
+        unknown = sorted(set(table) - {"url", "kind", "name", "models"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys: {', '.join(unknown)}")
+        models = table.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise ConfigError(f"{where}: models must be a list of non-empty strings")
+        try:
+            nodes.append(
+                NodeConfig(
+                    url=str(table["url"]),
+                    kind=_parse_kind(table.get("kind", "openai"), source=where),
+                    name=str(table.get("name", "")),
+                    models=tuple(models),
+                )
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    return nodes
+
+
+def _parse_kind(text: Any, *, source: str) -> NodeKind:
+    try:
+        return NodeKind(str(text).strip().lower())
+    except ValueError:
+        choices = ", ".join(kind.value for kind in NodeKind)
+        raise ConfigError(f"{source}: unknown node kind {text!r}; expected one of {choices}") from None
+
+
+def _coerce(key: str, value: Any, *, source: str) -> Any:
+    expected = _SERVER_KEYS[key]
+    try:
+        if expected == "int" or expected is int:
+            if isinstance(value, bool):
+                raise ValueError
+            coerced: Any = int(value)
+        elif expected == "float" or expected is float:
+            coerced = float(value)
+        else:
+            coerced = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {value!r} is not a valid {key}") from None
+    if isinstance(coerced, int | float) and coerced < 0:
+        raise ConfigError(f"{source}: {key} must not be negative, got {value!r}")
+    return coerced

@@ -1,0 +1,141 @@
+"""Errors the router returns to clients, in the OpenAI error shape.
+
+    SollolError                      base; carries HTTP status and OpenAI fields
+    ├── InvalidRequestError          400, malformed JSON or a bad field
+    ├── ModelNotFoundError           404, no configured node serves the model
+    ├── PayloadTooLargeError         413, body over ``max_body_bytes``
+    ├── NoNodeAvailableError         503, the model is known but no node can take it now
+    └── UpstreamError                an upstream node failed or answered with an error
+
+One Starlette exception handler turns any of them into
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from typing import Any
+
+import orjson
+
+
+class SollolError(Exception):
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.headers = headers or {}
+
+    def to_body(self) -> bytes:
+        return openai_error_body(self.message, self.error_type, param=self.param, code=self.code)
+
+
+class InvalidRequestError(SollolError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(SollolError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist on any node of this router; "
+            "GET /v1/models lists the models it serves.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class PayloadTooLargeError(SollolError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class NoNodeAvailableError(SollolError):
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(
+            message, code="no_node_available", headers={"Retry-After": str(retry_after_s)}
+        )
+
+
+class UpstreamError(SollolError):
+    """An error answered by a node, or a node that could not be reached.
+
+    4xx answers keep their status, since the node judged the request itself;
+    anything else becomes 502 Bad Gateway.
+    """
+
+    error_type = "upstream_error"
+
+    def __init__(
+        self, message: str, *, status_code: int = 502, error_type: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, status_code=status_code, **kwargs)
+        if error_type:
+            self.error_type = error_type
+
+
+def openai_error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    )
+
+
+def upstream_error_from_reply(status: int, body: bytes, node_name: str) -> UpstreamError:
+    """Build an UpstreamError from a node's non-2xx reply.
+
+    llama-server sends ``{"error": {"code": <int>, "message", "type"}}``, Ollama's
+    native API ``{"error": "<text>"}``, and OpenAI-compatible servers the OpenAI
+    shape; anything else is reported as raw text.
+    """
+    message = body.decode("utf-8", errors="replace").strip() or f"HTTP {status}"
+    error_type = None
+    param = None
+    code = None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            error_type = error.get("type") if isinstance(error.get("type"), str) else None
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+            # llama-server puts the HTTP status, an int, in ``code``; the OpenAI
+            # SDK expects a string or null there.
+            code = error.get("code") if isinstance(error.get("code"), str) else None
+        elif isinstance(error, str):
+            message = error
+
+    if 400 <= status < 500:
+        return UpstreamError(
+            message,
+            status_code=status,
+            error_type=error_type or "invalid_request_error",
+            param=param,
+            code=code,
+        )
+    return UpstreamError(
+        f"node {node_name} failed with HTTP {status}: {message}",
+        status_code=502,
+        headers={"x-should-retry": "false"},
+    )

@@ -1,0 +1,154 @@
+"""Request history: one row per request, written through SQLAlchemy off the event loop.
+
+``HistoryWriter.record`` only appends to a bounded in-memory queue; a
+background thread inserts the rows in batches. When the queue is full the row
+is dropped and counted, so a slow or missing database never slows requests.
+"""
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+requests_table = Table(
+    "requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("started_at", Float, nullable=False, doc="Unix time, seconds"),
+    Column("route", String(64), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("node", String(256), nullable=True, doc="None when no node was chosen"),
+    Column("stream", Boolean, nullable=False),
+    Column("status", Integer, nullable=False, doc="HTTP status sent to the client"),
+    Column("outcome", String(32), nullable=False, doc="ok | error | cancelled"),
+    Column("error", String(512), nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("ttft_ms", Float, nullable=True, doc="Time to the first streamed event"),
+    Column("latency_ms", Float, nullable=False),
+)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    started_at: float
+    route: str
+    model: str
+    stream: bool
+    node: str | None = None
+    status: int = 200
+    outcome: str = "ok"
+    error: str | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+
+
+def create_history_engine(database_url: str) -> Engine:
+    engine = create_engine(database_url)
+    if engine.dialect.name == "sqlite":
+        # WAL lets readers (reports, `sollol train`) run while the router writes.
+        @event.listens_for(engine, "connect")
+        def _set_sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    metadata.create_all(engine)
+    return engine
+
+
+class HistoryWriter:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queued_rows: int = 100_000,
+        batch_rows: int = 1_000,
+        flush_interval_s: float = 0.5,
+    ) -> None:
+        self._engine = engine
+        self._queue: queue.Queue[RequestRecord | None] = queue.Queue(maxsize=max_queued_rows)
+        self._batch_rows = batch_rows
+        self._flush_interval_s = flush_interval_s
+        self._thread = threading.Thread(target=self._run, name="sollol-history", daemon=True)
+        self.dropped_rows = 0
+        self.written_rows = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def record(self, row: RequestRecord) -> None:
+        """Queue a row for writing; never blocks."""
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            if self.dropped_rows == 0:
+                log.warning("history queue is full; dropping rows until it drains")
+            self.dropped_rows += 1
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, then stop the writer thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            log.error("history queue did not drain within %.1f s; rows may be lost", timeout_s)
+        self._thread.join(timeout_s)
+        if self.dropped_rows:
+            log.warning("history dropped %d rows in total", self.dropped_rows)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch: list[RequestRecord] = []
+            deadline = time.monotonic() + self._flush_interval_s
+            while len(batch) < self._batch_rows:
+                timeout = max(0.0, deadline - time.monotonic())
+                try:
+                    row = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    break
+                if row is None:
+                    done = True
+                    break
+                batch.append(row)
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[RequestRecord]) -> None:
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(insert(requests_table), [asdict(row) for row in batch])
+        except SQLAlchemyError as exc:
+            # NOTE: a failed batch is dropped, not retried; buffering across a
+            # database outage is still to be built.
+            self.dropped_rows += len(batch)
+            log.error("history write of %d rows failed: %s", len(batch), exc)
+        else:
+            self.written_rows += len(batch)

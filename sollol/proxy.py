@@ -1,0 +1,309 @@
+"""Forwarding one OpenAI request to a node, with failover before the first byte.
+
+The reply is rewritten on its way back: ``model`` becomes the name the client
+asked for (nodes report their own alias or file name), and token usage is read
+for the history. Streams are relayed event by event as they arrive.
+"""
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .cluster import Cluster, Node
+from .config import Settings
+from .errors import (
+    NoNodeAvailableError,
+    SollolError,
+    UpstreamError,
+    openai_error_body,
+    upstream_error_from_reply,
+)
+from .history import HistoryWriter, RequestRecord
+from .sse import Event, SSEParser
+from .upstream import UpstreamClient, UpstreamConnectionError, UpstreamResponse
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("sollol.access")
+
+_DONE_EVENT = b"data: [DONE]\n\n"
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    route: str
+    body: dict[str, Any]
+    model: str
+    stream: bool = False
+
+    @property
+    def client_wants_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        cluster: Cluster,
+        client: UpstreamClient,
+        history: HistoryWriter,
+        settings: Settings,
+    ) -> None:
+        self.cluster = cluster
+        self.client = client
+        self.history = history
+        self.settings = settings
+
+    async def forward(self, request: ProxyRequest) -> Response:
+        record = RequestRecord(
+            started_at=time.time(), route=request.route, model=request.model, stream=request.stream
+        )
+        started = time.perf_counter()
+        try:
+            node, stack, upstream = await self._open(request, record)
+        except SollolError as exc:
+            record.status = exc.status_code
+            record.outcome = "error"
+            record.error = exc.message[:512]
+            self._finish(record, started)
+            raise
+
+        if request.stream:
+            relay = StreamRelay(self, request, record, node, stack, upstream, started)
+            headers = {**_STREAM_HEADERS, "x-sollol-node": node.name}
+            return RelayResponse(relay, headers=headers)
+
+        try:
+            async with stack:
+                body = await upstream.read()
+        except UpstreamConnectionError as exc:
+            record.status, record.outcome, record.error = 502, "error", str(exc)[:512]
+            self._finish(record, started)
+            raise UpstreamError(f"node {node.name} failed while replying: {exc}") from exc
+        except BaseException:
+            record.outcome = "cancelled"
+            self._finish(record, started)
+            raise
+        finally:
+            self.cluster.release(node)
+        content = self._rewrite_reply(body, request, record)
+        self._finish(record, started)
+        return Response(content, media_type="application/json", headers={"x-sollol-node": node.name})
+
+    async def _open(
+        self, request: ProxyRequest, record: RequestRecord
+    ) -> tuple[Node, AsyncExitStack, UpstreamResponse]:
+        """Send the request to a node and wait for its status line, failing over on errors.
+
+        Connection failures and 5xx answers move on to another node serving the
+        model, up to ``max_attempts`` nodes; a 4xx answer is the node's verdict
+        on the request and is returned at once. On success the chosen node
+        stays acquired and the returned stack owns the open upstream response.
+        """
+        payload = self._upstream_payload(request)
+        tried: set[int] = set()
+        last_error: SollolError | None = None
+        for _ in range(max(1, self.settings.max_attempts)):
+            node = self.cluster.choose(request.model, frozenset(tried))
+            if node is None:
+                break
+            tried.add(node.index)
+            record.attempts += 1
+            record.node = node.name
+            self.cluster.acquire(node)
+            stack = AsyncExitStack()
+            try:
+                upstream = await stack.enter_async_context(
+                    self.client.post(node.url + request.route, payload)
+                )
+                if upstream.status == 200:
+                    return node, stack, upstream
+                error_body = await upstream.read()
+                await stack.aclose()
+            except UpstreamConnectionError as exc:
+                await stack.aclose()
+                self.cluster.release(node)
+                self.cluster.mark_unreachable(node, str(exc))
+                last_error = UpstreamError(f"node {node.name} could not be reached: {exc}")
+                log.warning("attempt on node %s failed: %s", node.name, exc)
+                continue
+            except BaseException:
+                await stack.aclose()
+                self.cluster.release(node)
+                raise
+            self.cluster.release(node)
+            error = upstream_error_from_reply(upstream.status, error_body, node.name)
+            if upstream.status < 500:
+                raise error
+            last_error = error
+            log.warning("attempt on node %s failed with HTTP %d", node.name, upstream.status)
+
+        if last_error is not None:
+            raise last_error
+        raise NoNodeAvailableError(
+            f"no healthy node is serving model '{request.model}' right now",
+            retry_after_s=self.settings.retry_after_s,
+        )
+
+    def _upstream_payload(self, request: ProxyRequest) -> bytes:
+        body = request.body
+        if request.stream and not request.client_wants_usage:
+            # Ask for usage on every stream so the history has token counts; the
+            # extra usage chunk is dropped before it reaches the client.
+            options = body.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            options["include_usage"] = True
+            body = {**body, "stream_options": options}
+        return orjson.dumps(body)
+
+    def _rewrite_reply(self, body: bytes, request: ProxyRequest, record: RequestRecord) -> bytes:
+        try:
+            reply = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            # NOTE: forwarded unchanged, so `model` keeps the node's own name.
+            log.warning("node %s sent a reply that is not JSON", record.node)
+            return body
+        if not isinstance(reply, dict):
+            return body
+        _read_usage(reply, record)
+        if "model" in reply:
+            reply["model"] = request.model
+        return orjson.dumps(reply)
+
+    def _finish(self, record: RequestRecord, started: float) -> None:
+        record.latency_ms = (time.perf_counter() - started) * 1000.0
+        self.history.record(record)
+        access_log.info(
+            "%s model=%s node=%s status=%d outcome=%s attempts=%d latency_ms=%.1f "
+            "ttft_ms=%s prompt_tokens=%s completion_tokens=%s",
+            record.route,
+            record.model,
+            record.node,
+            record.status,
+            record.outcome,
+            record.attempts,
+            record.latency_ms,
+            "-" if record.ttft_ms is None else f"{record.ttft_ms:.1f}",
+            record.prompt_tokens,
+            record.completion_tokens,
+        )
+
+
+class StreamRelay:
+    """One streamed reply: relays the node's SSE events and cleans up exactly once."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: ProxyRequest,
+        record: RequestRecord,
+        node: Node,
+        stack: AsyncExitStack,
+        upstream: UpstreamResponse,
+        started: float,
+    ) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._record = record
+        self._node = node
+        self._stack = stack
+        self._upstream = upstream
+        self._started = started
+        self._finished = False
+        self._closed = False
+        # Until the stream ends by itself, a close means the client went away.
+        record.outcome = "cancelled"
+        record.status = 200
+
+    async def events(self):  # type: ignore[no-untyped-def]
+        parser = SSEParser()
+        try:
+            async for chunk in self._upstream.iter_chunks():
+                for event in parser.feed(chunk):
+                    out = self._rewrite(event)
+                    if out is not None:
+                        if self._record.ttft_ms is None:
+                            self._record.ttft_ms = (time.perf_counter() - self._started) * 1000.0
+                        yield out
+        except UpstreamConnectionError as exc:
+            # The client already has part of the answer, so no other node can
+            # take over. End with an error event and no [DONE], which the
+            # OpenAI SDK raises as APIError.
+            self._record.outcome = "error"
+            self._record.error = f"node failed mid-stream: {exc}"[:512]
+            message = f"node {self._node.name} failed in the middle of the stream: {exc}"
+            yield b"data: " + openai_error_body(message, "upstream_error") + b"\n\n"
+            return
+        if parser.pending.strip():
+            log.warning("node %s ended its stream inside an event", self._node.name)
+        if self._record.outcome == "cancelled":
+            self._record.outcome = "ok"
+        self._finished = True
+
+    def _rewrite(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None:
+            return event.raw  # comment lines such as llama-server's keep-alive pings
+        if data == b"[DONE]":
+            return _DONE_EVENT
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event.raw
+        if not isinstance(chunk, dict):
+            return event.raw
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            self._record.outcome = "error"
+            self._record.error = str(message)[:512]
+            return event.raw
+        _read_usage(chunk, self._record)
+        if not self._request.client_wants_usage and chunk.get("choices") == []:
+            return None
+        if "model" in chunk:
+            chunk["model"] = self._request.model
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stack.aclose()
+        finally:
+            self._proxy.cluster.release(self._node)
+            self._proxy._finish(self._record, self._started)
+
+
+class RelayResponse(StreamingResponse):
+    """A streaming response that always closes its relay, even if never iterated."""
+
+    def __init__(self, relay: StreamRelay, *, headers: dict[str, str]) -> None:
+        super().__init__(relay.events(), headers=headers, media_type="text/event-stream")
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.close()
+
+
+def _read_usage(reply: dict[str, Any], record: RequestRecord) -> None:
+    usage = reply.get("usage")
+    if isinstance(usage, dict):
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens")
+        if isinstance(prompt_tokens, int):
+            record.prompt_tokens = prompt_tokens
+        if isinstance(completion_tokens, int):
+            record.completion_tokens = completion_tokens

@@ -1,0 +1,1 @@
+"""Routing: choosing the node that serves each request."""

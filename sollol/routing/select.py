@@ -1,0 +1,26 @@
+"""Node-selection primitives: the compiled core when it loads, else the pure twin.
+
+Set SOLLOL_NO_EXTENSIONS=1 to force the pure-Python twin. ``COMPILED`` tells
+which one is in use; the test suite fails when the extension was built but did
+not load.
+"""
+
+import os
+
+NO_EXTENSIONS = os.environ.get("SOLLOL_NO_EXTENSIONS") == "1"
+
+if NO_EXTENSIONS:
+    from ._select_py import least_loaded
+
+    COMPILED = False
+else:
+    try:
+        from ._select_c import least_loaded
+    except ImportError:
+        from ._select_py import least_loaded
+
+        COMPILED = False
+    else:
+        COMPILED = True
+
+__all__ = ["COMPILED", "NO_EXTENSIONS", "least_loaded"]
