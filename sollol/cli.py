@@ -107,10 +107,7 @@ async def serve_router(settings: Settings) -> None:
     install_signal_handlers(shutdown)
     url = base_url_of(sock)
     print(f"sollol: listening on {url} (OpenAI base_url {url}/v1)", flush=True)
-    try:
-        await serve_app(app, sock, shutdown_event=shutdown)
-    finally:
-        sock.close()
+    await serve_app(app, sock, shutdown_event=shutdown)
 
 
 def _demo_command(args: argparse.Namespace) -> int:

@@ -44,9 +44,12 @@ async def serve_app(
     shutdown_event: asyncio.Event,
     graceful_timeout_s: float = 10.0,
 ) -> None:
-    """Serve ``app`` on ``sock`` until ``shutdown_event`` is set."""
+    """Serve ``app`` on ``sock`` until ``shutdown_event`` is set.
+
+    Hypercorn takes ownership of the socket and closes it when it stops.
+    """
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
     config.keep_alive_timeout = 75
     config.accesslog = None  # SOLLOL writes its own access line per request

@@ -1,0 +1,166 @@
+"""In-process tests through httpx.ASGITransport: validation and errors, no node contacted."""
+
+import socket
+
+import httpx
+import orjson
+import pytest
+import pytest_asyncio
+
+from sollol.app import create_app
+from sollol.config import NodeConfig, NodeKind, Settings
+
+
+@pytest.fixture
+def refused_url():
+    """A 127.0.0.1 URL whose port is bound but not listening, so connections are refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{holder.getsockname()[1]}"
+
+
+@pytest_asyncio.fixture
+async def app_client(tmp_path, refused_url):
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        max_body_bytes=4096,
+        max_attempts=2,
+        nodes=(
+            NodeConfig(url=refused_url, kind=NodeKind.LLAMACPP, name="down", models=("tiny",)),
+            NodeConfig(
+                url="http://127.0.0.2:9", kind=NodeKind.OLLAMA, name="idle", models=("other",)
+            ),
+        ),
+    )
+    app = create_app(settings, probe_nodes=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = orjson.loads(response.content)
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def mark_healthy(app, name: str) -> None:
+    cluster = app.state.cluster
+    for node in cluster.nodes:
+        if node.name == name:
+            node.healthy = True
+    cluster._rebuild_candidates()
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_malformed_json_is_400(app_client):
+    response = await app_client.post("/v1/chat/completions", content=b"{not json")
+    assert response.status_code == 400
+    assert error_of(response)["type"] == "invalid_request_error"
+
+
+async def test_empty_body_is_400(app_client):
+    response = await app_client.post("/v1/chat/completions", content=b"")
+    assert response.status_code == 400
+    assert "empty" in error_of(response)["message"]
+
+
+async def test_non_object_body_is_400(app_client):
+    response = await app_client.post("/v1/chat/completions", json=[1, 2])
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ("/v1/chat/completions", {"model": 5, "messages": []}, "model"),
+        ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": ["hi"]}, "messages[0]"),
+        ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "stream_options": True}, "stream_options"),
+        ("/v1/completions", {"model": "tiny"}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": []}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, "prompt"),
+        ("/v1/embeddings", {"model": "tiny"}, "input"),
+        ("/v1/embeddings", {"model": "tiny", "input": [1.5]}, "input"),
+        ("/v1/embeddings", {"model": "tiny", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+    ],
+)
+async def test_invalid_fields_are_400(app_client, route, body, param):
+    response = await app_client.post(route, json=body)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param
+
+
+async def test_unknown_model_is_404_without_contacting_nodes(app_client):
+    mark_healthy(app_client.app, "down")
+    response = await app_client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "missing", "stream": True}
+    )
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "model_not_found"
+    assert "x-sollol-node" not in response.headers
+    assert app_client.app.state.cluster.nodes[0].healthy, "no request should reach a node"
+
+
+async def test_body_over_limit_is_413(app_client):
+    response = await app_client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]},
+    )
+    assert response.status_code == 413
+    assert "max_body_bytes" in error_of(response)["message"]
+
+
+async def test_known_model_without_healthy_node_is_503(app_client):
+    response = await app_client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert error_of(response)["code"] == "no_node_available"
+
+
+async def test_unreachable_node_is_502_and_marked_unhealthy(app_client):
+    mark_healthy(app_client.app, "down")
+    response = await app_client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 502
+    assert "could not be reached" in error_of(response)["message"]
+    assert not app_client.app.state.cluster.nodes[0].healthy
+    assert app_client.app.state.cluster.in_flight.tolist() == [0, 0]
+
+
+async def test_models_lists_only_healthy_nodes(app_client):
+    mark_healthy(app_client.app, "idle")
+    response = await app_client.get("/v1/models")
+    assert response.status_code == 200
+    assert [entry["id"] for entry in response.json()["data"]] == ["other"]
+
+
+async def test_get_unknown_model_is_404(app_client):
+    response = await app_client.get("/v1/models/tiny")
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "model_not_found"
+
+
+async def test_health_is_503_when_no_node_is_up(app_client):
+    response = await app_client.get("/health")
+    assert response.status_code == 503
+    assert [node["name"] for node in response.json()["nodes"]] == ["down", "idle"]
+
+
+async def test_unknown_route_is_404_in_openai_shape(app_client):
+    response = await app_client.get("/v1/nothing")
+    assert response.status_code == 404
+    assert error_of(response)["type"] == "not_found_error"
+
+
+async def test_wrong_method_is_405_in_openai_shape(app_client):
+    response = await app_client.get("/v1/chat/completions")
+    assert response.status_code == 405
+    error_of(response)

@@ -1,0 +1,214 @@
+"""The OpenAI Python SDK through a Hypercorn-served router to two real llama-server nodes."""
+
+import base64
+import sqlite3
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+pytestmark = pytest.mark.llamacpp
+
+MESSAGES = [{"role": "user", "content": "Say something about routers."}]
+# Greedy decoding without the prompt cache, so the same request gives the same
+# tokens on either node and when sent to a node directly.
+DETERMINISTIC = {"temperature": 0.0, "seed": 7, "extra_body": {"cache_prompt": False}}
+
+
+@pytest.fixture(scope="module")
+def client(router):
+    with openai.OpenAI(base_url=router.base_url + "/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def async_client(router):
+    async with openai.AsyncOpenAI(
+        base_url=router.base_url + "/v1", api_key="unused", max_retries=0
+    ) as sdk:
+        yield sdk
+
+
+class CorruptBodyTransport(httpx.BaseTransport):
+    """Sends a truncated JSON body in place of the SDK's request body."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        broken = httpx.Request(
+            request.method,
+            request.url,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "content-length"},
+            content=b'{"model": "tiny", "messages": [',
+        )
+        return self._inner.handle_request(broken)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_chat_reply_names_requested_model(client):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8)
+    assert reply.model == "tiny"
+    assert reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str)
+    assert reply.usage.completion_tokens == 8
+
+
+def test_both_nodes_serve_requests(client):
+    served_by = set()
+    for _ in range(8):
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=MESSAGES, max_tokens=2
+        )
+        served_by.add(raw.headers["x-sollol-node"])
+    assert served_by == {"node-a", "node-b"}
+
+
+def test_stream_deltas_equal_direct_node_output(client, llama_nodes):
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=24, stream=True, **DETERMINISTIC
+    )
+    routed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    with openai.OpenAI(base_url=llama_nodes[0].url + "/v1", api_key="unused") as direct_client:
+        direct = direct_client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=24, stream=True, **DETERMINISTIC
+        )
+        expected = "".join(chunk.choices[0].delta.content or "" for chunk in direct if chunk.choices)
+    assert routed
+    assert routed == expected
+
+
+def test_stream_include_usage_adds_final_usage_chunk(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(chunk.model == "tiny" for chunk in chunks)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client):
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, stream=True)
+    )
+    assert all(chunk.choices for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stream_bytes_are_sse_events(router):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", router.base_url + "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        assert response.headers["x-sollol-node"] in {"node-a", "node-b"}
+        raw = response.read()
+    events = raw.split(b"\n\n")
+    assert events[-1] == b""
+    assert events[-2] == b"data: [DONE]"
+    assert raw.count(b"data: [DONE]") == 1
+    assert all(event.startswith(b"data: {") for event in events[:-2])
+
+
+def test_completions(client):
+    reply = client.completions.create(model="tiny", prompt="The router", max_tokens=6)
+    assert reply.model == "tiny"
+    assert reply.usage.completion_tokens == 6
+    streamed = list(client.completions.create(model="tiny", prompt="The router", max_tokens=4, stream=True))
+    assert all(chunk.model == "tiny" for chunk in streamed)
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+def test_embeddings_float_and_base64_agree(client):
+    as_float = client.embeddings.create(model="tiny-embed", input=["alpha", "beta"], encoding_format="float")
+    # With no encoding_format the SDK asks for base64 and decodes it itself.
+    as_default = client.embeddings.create(model="tiny-embed", input=["alpha", "beta"])
+    assert as_float.model == "tiny-embed"
+    assert len(as_float.data) == 2
+    assert len(as_float.data[0].embedding) == 256
+    for left, right in zip(as_float.data, as_default.data, strict=True):
+        np.testing.assert_allclose(left.embedding, right.embedding, rtol=1e-6)
+
+
+def test_embeddings_base64_wire_format(router):
+    body = {"model": "tiny-embed", "input": "alpha", "encoding_format": "base64"}
+    reply = httpx.post(router.base_url + "/v1/embeddings", json=body).json()
+    vector = np.frombuffer(base64.b64decode(reply["data"][0]["embedding"]), dtype="<f4")
+    assert vector.shape == (256,)
+    assert reply["model"] == "tiny-embed"
+
+
+def test_models_lists_every_served_model(client):
+    assert sorted(model.id for model in client.models.list()) == ["tiny", "tiny-embed"]
+
+
+def test_unknown_model_raises_not_found(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="missing", messages=MESSAGES)
+    assert caught.value.code == "model_not_found"
+
+
+def test_unknown_model_stream_raises_not_found(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=MESSAGES, stream=True)
+
+
+def test_malformed_json_raises_bad_request(router):
+    with openai.OpenAI(
+        base_url=router.base_url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(transport=CorruptBodyTransport()),
+    ) as broken_client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            broken_client.chat.completions.create(model="tiny", messages=MESSAGES)
+    assert caught.value.type == "invalid_request_error"
+
+
+async def test_async_chat_and_stream(async_client):
+    reply = await async_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
+    assert reply.model == "tiny"
+    stream = await async_client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert len(pieces) >= 4
+
+
+async def test_async_embeddings(async_client):
+    reply = await async_client.embeddings.create(model="tiny-embed", input="gamma")
+    assert len(reply.data[0].embedding) == 256
+
+
+def test_history_records_each_request(client, router):
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, user="history-check")
+    list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, stream=True))
+    deadline = time.monotonic() + 5
+    rows = []
+    while time.monotonic() < deadline:
+        with sqlite3.connect(router.database_path) as connection:
+            rows = connection.execute(
+                "SELECT route, model, node, stream, status, outcome, completion_tokens, "
+                "ttft_ms, latency_ms FROM requests ORDER BY id DESC LIMIT 2"
+            ).fetchall()
+        if len(rows) == 2 and rows[0][3] == 1:
+            break
+        time.sleep(0.1)
+    streamed, plain = rows
+    assert streamed[:2] == ("/v1/chat/completions", "tiny")
+    assert streamed[2] in {"node-a", "node-b"}
+    assert streamed[3:7] == (1, 200, "ok", 3)
+    assert streamed[7] is not None and streamed[7] > 0
+    assert plain[3:7] == (0, 200, "ok", 3)
+    assert plain[8] > 0
