@@ -39,7 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the router")
     serve.add_argument("--config", type=Path, help="TOML config file")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8000)")
+    serve.add_argument(
+        "--port", type=int, help="port to listen on; 0 picks a free one (default 8000)"
+    )
     serve.add_argument(
         "--node",
         action="append",

@@ -136,7 +136,9 @@ def _server_section(table: Any, *, source: str) -> dict[str, Any]:
     unknown = sorted(set(table) - set(_SERVER_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown [server] keys: {', '.join(unknown)}")
-    return {key: _coerce(key, value, source=f"{source} [server] {key}") for key, value in table.items()}
+    return {
+        key: _coerce(key, value, source=f"{source} [server] {key}") for key, value in table.items()
+    }
 
 
 def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
@@ -172,7 +174,9 @@ def _parse_kind(text: Any, *, source: str) -> NodeKind:
         return NodeKind(str(text).strip().lower())
     except ValueError:
         choices = ", ".join(kind.value for kind in NodeKind)
-        raise ConfigError(f"{source}: unknown node kind {text!r}; expected one of {choices}") from None
+        raise ConfigError(
+            f"{source}: unknown node kind {text!r}; expected one of {choices}"
+        ) from None
 
 
 def _coerce(key: str, value: Any, *, source: str) -> Any:

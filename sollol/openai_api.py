@@ -149,7 +149,9 @@ class OpenAIRoutes:
             )
         return await self._forward("/v1/embeddings", body, model, stream=False)
 
-    async def _forward(self, route: str, body: dict[str, Any], model: str, stream: bool) -> Response:
+    async def _forward(
+        self, route: str, body: dict[str, Any], model: str, stream: bool
+    ) -> Response:
         # Checked before choosing a node, so an unknown model never reaches one.
         if not self._proxy.cluster.knows_model(model):
             raise ModelNotFoundError(model)
@@ -159,7 +161,9 @@ class OpenAIRoutes:
 
     async def list_models(self, request: Request) -> Response:
         data = [self._model_entry(model) for model in self._proxy.cluster.healthy_models()]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+        return Response(
+            orjson.dumps({"object": "list", "data": data}), media_type="application/json"
+        )
 
     async def get_model(self, request: Request) -> Response:
         model = request.path_params["model"]

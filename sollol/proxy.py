@@ -96,7 +96,9 @@ class Proxy:
             self.cluster.release(node)
         content = self._rewrite_reply(body, request, record)
         self._finish(record, started)
-        return Response(content, media_type="application/json", headers={"x-sollol-node": node.name})
+        return Response(
+            content, media_type="application/json", headers={"x-sollol-node": node.name}
+        )
 
     async def _open(
         self, request: ProxyRequest, record: RequestRecord
@@ -242,6 +244,10 @@ class StreamRelay:
             message = f"node {self._node.name} failed in the middle of the stream: {exc}"
             yield b"data: " + openai_error_body(message, "upstream_error") + b"\n\n"
             return
+        for event in parser.finish():
+            out = self._rewrite(event)
+            if out is not None:
+                yield out
         if parser.pending.strip():
             log.warning("node %s ended its stream inside an event", self._node.name)
         if self._record.outcome == "cancelled":

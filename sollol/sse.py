@@ -46,6 +46,13 @@ class SSEParser:
             events.append(_parse_event(raw))
         return events
 
+    def finish(self) -> list[Event]:
+        """Call at end of stream: a held "\r" was a line end after all."""
+        if not self._held_cr:
+            return []
+        self._held_cr = False
+        return self.feed(b"\n")
+
     @property
     def pending(self) -> bytes:
         """Bytes of an event that has started but not ended."""

@@ -25,10 +25,58 @@ CHAT_TEMPLATE = (
 )
 
 _WORDS = (
-    "the of and to in is was for on that with as by at from it an be this are or not "
-    "node model token route fast slow cache queue load ok hello world llama cpp server "
-    "router shard group request reply stream byte prompt answer time first last one two"
-).split()
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "are",
+    "or",
+    "not",
+    "node",
+    "model",
+    "token",
+    "route",
+    "fast",
+    "slow",
+    "cache",
+    "queue",
+    "load",
+    "ok",
+    "hello",
+    "world",
+    "llama",
+    "cpp",
+    "server",
+    "router",
+    "shard",
+    "group",
+    "request",
+    "reply",
+    "stream",
+    "byte",
+    "prompt",
+    "answer",
+    "time",
+    "first",
+    "last",
+    "one",
+    "two",
+)
 
 
 @dataclass(frozen=True, slots=True)

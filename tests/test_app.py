@@ -90,7 +90,11 @@ async def test_non_object_body_is_400(app_client):
         ("/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, "prompt"),
         ("/v1/embeddings", {"model": "tiny"}, "input"),
         ("/v1/embeddings", {"model": "tiny", "input": [1.5]}, "input"),
-        ("/v1/embeddings", {"model": "tiny", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+        (
+            "/v1/embeddings",
+            {"model": "tiny", "input": "x", "encoding_format": "hex"},
+            "encoding_format",
+        ),
     ],
 )
 async def test_invalid_fields_are_400(app_client, route, body, param):

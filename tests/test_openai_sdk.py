@@ -14,7 +14,14 @@ pytestmark = pytest.mark.llamacpp
 MESSAGES = [{"role": "user", "content": "Say something about routers."}]
 # Greedy decoding without the prompt cache, so the same request gives the same
 # tokens on either node and when sent to a node directly.
-DETERMINISTIC = {"temperature": 0.0, "seed": 7, "extra_body": {"cache_prompt": False}}
+DETERMINISTIC = {
+    "temperature": 0.0,
+    "seed": 7,
+    "extra_body": {"cache_prompt": False, "ignore_eos": True},
+}
+# Random weights can emit the end-of-sequence token at any step; tests that
+# count tokens make llama-server ignore it.
+FULL_LENGTH = {"extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,9 @@ class CorruptBodyTransport(httpx.BaseTransport):
 
 
 def test_chat_reply_names_requested_model(client):
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8)
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, **FULL_LENGTH
+    )
     assert reply.model == "tiny"
     assert reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)
@@ -62,7 +71,7 @@ def test_both_nodes_serve_requests(client):
     served_by = set()
     for _ in range(8):
         raw = client.chat.completions.with_raw_response.create(
-            model="tiny", messages=MESSAGES, max_tokens=2
+            model="tiny", messages=MESSAGES, max_tokens=2, **FULL_LENGTH
         )
         served_by.add(raw.headers["x-sollol-node"])
     assert served_by == {"node-a", "node-b"}
@@ -78,7 +87,9 @@ def test_stream_deltas_equal_direct_node_output(client, llama_nodes):
         direct = direct_client.chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=24, stream=True, **DETERMINISTIC
         )
-        expected = "".join(chunk.choices[0].delta.content or "" for chunk in direct if chunk.choices)
+        expected = "".join(
+            chunk.choices[0].delta.content or "" for chunk in direct if chunk.choices
+        )
     assert routed
     assert routed == expected
 
@@ -91,6 +102,7 @@ def test_stream_include_usage_adds_final_usage_chunk(client):
             max_tokens=5,
             stream=True,
             stream_options={"include_usage": True},
+            **FULL_LENGTH,
         )
     )
     assert all(chunk.model == "tiny" for chunk in chunks)
@@ -100,14 +112,22 @@ def test_stream_include_usage_adds_final_usage_chunk(client):
 
 def test_stream_without_include_usage_has_no_usage_chunk(client):
     chunks = list(
-        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, stream=True)
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=5, stream=True, **FULL_LENGTH
+        )
     )
     assert all(chunk.choices for chunk in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_stream_bytes_are_sse_events(router):
-    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "stream": True}
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 6,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", router.base_url + "/v1/chat/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"
@@ -122,16 +142,24 @@ def test_stream_bytes_are_sse_events(router):
 
 
 def test_completions(client):
-    reply = client.completions.create(model="tiny", prompt="The router", max_tokens=6)
+    reply = client.completions.create(
+        model="tiny", prompt="The router", max_tokens=6, **FULL_LENGTH
+    )
     assert reply.model == "tiny"
     assert reply.usage.completion_tokens == 6
-    streamed = list(client.completions.create(model="tiny", prompt="The router", max_tokens=4, stream=True))
+    streamed = list(
+        client.completions.create(
+            model="tiny", prompt="The router", max_tokens=4, stream=True, **FULL_LENGTH
+        )
+    )
     assert all(chunk.model == "tiny" for chunk in streamed)
     assert streamed[-1].choices[0].finish_reason == "length"
 
 
 def test_embeddings_float_and_base64_agree(client):
-    as_float = client.embeddings.create(model="tiny-embed", input=["alpha", "beta"], encoding_format="float")
+    as_float = client.embeddings.create(
+        model="tiny-embed", input=["alpha", "beta"], encoding_format="float"
+    )
     # With no encoding_format the SDK asks for base64 and decodes it itself.
     as_default = client.embeddings.create(model="tiny-embed", input=["alpha", "beta"])
     assert as_float.model == "tiny-embed"
@@ -165,25 +193,37 @@ def test_unknown_model_stream_raises_not_found(client):
 
 
 def test_malformed_json_raises_bad_request(router):
-    with openai.OpenAI(
-        base_url=router.base_url + "/v1",
-        api_key="unused",
-        max_retries=0,
-        http_client=httpx.Client(transport=CorruptBodyTransport()),
-    ) as broken_client:
-        with pytest.raises(openai.BadRequestError) as caught:
-            broken_client.chat.completions.create(model="tiny", messages=MESSAGES)
+    with (
+        openai.OpenAI(
+            base_url=router.base_url + "/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=httpx.Client(transport=CorruptBodyTransport()),
+        ) as broken_client,
+        pytest.raises(openai.BadRequestError) as caught,
+    ):
+        broken_client.chat.completions.create(model="tiny", messages=MESSAGES)
     assert caught.value.type == "invalid_request_error"
 
 
 async def test_async_chat_and_stream(async_client):
-    reply = await async_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
+    reply = await async_client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, **FULL_LENGTH
+    )
     assert reply.model == "tiny"
     stream = await async_client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=4, stream=True
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+        **FULL_LENGTH,
     )
-    pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
-    assert len(pieces) >= 4
+    chunks = [chunk async for chunk in stream]
+    # llama-server holds back bytes of an unfinished UTF-8 character, so one
+    # chunk may carry several tokens: count tokens from usage, not chunks.
+    assert chunks[-1].usage.completion_tokens == 4
+    assert chunks[-2].choices[0].finish_reason == "length"
 
 
 async def test_async_embeddings(async_client):
@@ -191,24 +231,47 @@ async def test_async_embeddings(async_client):
     assert len(reply.data[0].embedding) == 256
 
 
+def last_history_id(database_path):
+    with sqlite3.connect(database_path) as connection:
+        return connection.execute("SELECT coalesce(max(id), 0) FROM requests").fetchone()[0]
+
+
 def test_history_records_each_request(client, router):
-    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, user="history-check")
-    list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, stream=True))
-    deadline = time.monotonic() + 5
+    # Rows from earlier tests may still be on their way to the database, so
+    # wait for this test's two rows by id, not for the newest rows.
+    time.sleep(1.0)
+    first_id = last_history_id(router.database_path) + 1
+    plain = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=3, **FULL_LENGTH
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            **FULL_LENGTH,
+        )
+    )
     rows = []
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(rows) < 2:
         with sqlite3.connect(router.database_path) as connection:
             rows = connection.execute(
-                "SELECT route, model, node, stream, status, outcome, completion_tokens, "
-                "ttft_ms, latency_ms FROM requests ORDER BY id DESC LIMIT 2"
+                "SELECT route, model, node, stream, status, outcome, prompt_tokens, "
+                "completion_tokens, ttft_ms, latency_ms FROM requests WHERE id >= ? ORDER BY id",
+                (first_id,),
             ).fetchall()
-        if len(rows) == 2 and rows[0][3] == 1:
-            break
         time.sleep(0.1)
-    streamed, plain = rows
-    assert streamed[:2] == ("/v1/chat/completions", "tiny")
-    assert streamed[2] in {"node-a", "node-b"}
-    assert streamed[3:7] == (1, 200, "ok", 3)
-    assert streamed[7] is not None and streamed[7] > 0
-    assert plain[3:7] == (0, 200, "ok", 3)
-    assert plain[8] > 0
+    assert len(rows) == 2
+    plain_row, streamed_row = rows
+    assert streamed_row[:2] == ("/v1/chat/completions", "tiny")
+    assert streamed_row[2] in {"node-a", "node-b"}
+    assert streamed_row[3:6] == (1, 200, "ok")
+    assert streamed_row[6:8] == (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens)
+    assert streamed_row[8] > 0
+    assert plain_row[3:6] == (0, 200, "ok")
+    assert plain_row[6:8] == (plain.usage.prompt_tokens, plain.usage.completion_tokens)
+    assert plain_row[8] is None
+    assert plain_row[9] > 0

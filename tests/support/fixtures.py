@@ -33,7 +33,9 @@ def llama_bin_dir() -> Path:
         pytest.fail(f"these tests need llama.cpp: {exc}")
 
 
-def start_llama_server(bin_dir: Path, model: Path, log_dir: Path, name: str, **options) -> LlamaServer:
+def start_llama_server(
+    bin_dir: Path, model: Path, log_dir: Path, name: str, **options
+) -> LlamaServer:
     server = LlamaServer(model, log_path=log_dir / f"{name}.log", **options)
     server.start(bin_dir)
     try:
@@ -100,7 +102,9 @@ class RouterProcess:
                 pass
             time.sleep(0.05)
         self.stop()
-        pytest.fail(f"router not healthy after {ROUTER_START_TIMEOUT_S} s:\n{self.log_path.read_text()}")
+        pytest.fail(
+            f"router not healthy after {ROUTER_START_TIMEOUT_S} s:\n{self.log_path.read_text()}"
+        )
 
     def stop(self) -> int | None:
         if self.process is None:
@@ -141,7 +145,9 @@ def write_router_config(path: Path, *, database_path: Path, nodes: list[dict]) -
 
 
 @pytest.fixture(scope="module")
-def router(llama_nodes: list[LlamaServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProcess]:
+def router(
+    llama_nodes: list[LlamaServer], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RouterProcess]:
     """The router in front of both llama-server nodes, with a SQLite history."""
     workdir = tmp_path_factory.mktemp("router")
     config = write_router_config(

@@ -1,0 +1,69 @@
+import pytest
+
+from sollol.sse import SSEParser
+
+STREAM = (
+    'data: {"delta": "caf\u00e9 \u2603"}\n\n'
+    ": keep-alive\n\n"
+    "event: note\ndata: line one\ndata: line two\n\n"
+    "data: [DONE]\n\n"
+).encode()
+
+
+def parse_all(pieces):
+    parser = SSEParser()
+    events = []
+    for piece in pieces:
+        events.extend(parser.feed(piece))
+    return events, parser
+
+
+def test_whole_stream():
+    events, parser = parse_all([STREAM])
+    assert [event.data for event in events] == [
+        '{"delta": "caf\u00e9 \u2603"}'.encode(),
+        None,
+        b"line one\nline two",
+        b"[DONE]",
+    ]
+    assert events[1].raw == b": keep-alive\n\n"
+    assert parser.pending == b""
+
+
+@pytest.mark.parametrize("split_at", range(1, len(STREAM)))
+def test_split_anywhere_gives_same_events(split_at):
+    # Splits fall inside lines, inside "\n\n" and inside multi-byte UTF-8 characters.
+    whole, _ = parse_all([STREAM])
+    pieces, _ = parse_all([STREAM[:split_at], STREAM[split_at:]])
+    assert pieces == whole
+
+
+def test_one_byte_at_a_time():
+    whole, _ = parse_all([STREAM])
+    pieces, _ = parse_all([STREAM[i : i + 1] for i in range(len(STREAM))])
+    assert pieces == whole
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_other_line_endings(newline):
+    stream = STREAM.replace(b"\n", newline)
+    for split_at in range(1, len(stream)):
+        events, parser = parse_all([stream[:split_at], stream[split_at:]])
+        events += parser.finish()
+        assert [event.data for event in events] == [event.data for event in parse_all([STREAM])[0]]
+
+
+def test_unfinished_event_stays_pending():
+    events, parser = parse_all([b"data: 1\n\ndata: 2\n"])
+    assert [event.data for event in events] == [b"1"]
+    assert parser.pending == b"data: 2\n"
+
+
+def test_finish_without_held_cr_adds_nothing():
+    _, parser = parse_all([b"data: 1\n\n"])
+    assert parser.finish() == []
+
+
+def test_data_without_space():
+    events, _ = parse_all([b"data:x\n\n"])
+    assert events[0].data == b"x"
