@@ -124,7 +124,9 @@ class Proxy:
             stack = AsyncExitStack()
             try:
                 upstream = await stack.enter_async_context(
-                    self.client.post(node.url + request.route, payload)
+                    self.client.post(
+                        node.url + request.route, payload, reuse_connection=not request.stream
+                    )
                 )
                 if upstream.status == 200:
                     return node, stack, upstream
@@ -229,12 +231,14 @@ class StreamRelay:
         parser = SSEParser()
         try:
             async for chunk in self._upstream.iter_chunks():
-                for event in parser.feed(chunk):
-                    out = self._rewrite(event)
-                    if out is not None:
-                        if self._record.ttft_ms is None:
-                            self._record.ttft_ms = (time.perf_counter() - self._started) * 1000.0
-                        yield out
+                # Events completed by one network read go out in one write:
+                # nothing waits for later reads, and the server is not asked
+                # for one send per event.
+                out = b"".join(self._rewrite_all(parser.feed(chunk)))
+                if out:
+                    if self._record.ttft_ms is None:
+                        self._record.ttft_ms = (time.perf_counter() - self._started) * 1000.0
+                    yield out
         except UpstreamConnectionError as exc:
             # The client already has part of the answer, so no other node can
             # take over. End with an error event and no [DONE], which the
@@ -244,15 +248,18 @@ class StreamRelay:
             message = f"node {self._node.name} failed in the middle of the stream: {exc}"
             yield b"data: " + openai_error_body(message, "upstream_error") + b"\n\n"
             return
-        for event in parser.finish():
-            out = self._rewrite(event)
-            if out is not None:
-                yield out
+        out = b"".join(self._rewrite_all(parser.finish()))
+        if out:
+            yield out
         if parser.pending.strip():
             log.warning("node %s ended its stream inside an event", self._node.name)
         if self._record.outcome == "cancelled":
             self._record.outcome = "ok"
         self._finished = True
+
+    def _rewrite_all(self, events: list[Event]) -> list[bytes]:
+        rewritten = (self._rewrite(event) for event in events)
+        return [out for out in rewritten if out is not None]
 
     def _rewrite(self, event: Event) -> bytes | None:
         data = event.data

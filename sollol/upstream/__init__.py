@@ -50,8 +50,10 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        # llama-server closes idle keep-alive connections after 5 s (its
+        # Keep-Alive header says timeout=5), so pooled ones are dropped sooner.
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, keepalive_timeout=30, enable_cleanup_closed=True
+            limit=self._max_connections, keepalive_timeout=4, enable_cleanup_closed=True
         )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False
@@ -84,18 +86,19 @@ class UpstreamClient:
             return status, None
 
     @asynccontextmanager
-    async def post(self, url: str, body: bytes) -> AsyncIterator[UpstreamResponse]:
-        """POST a JSON body; the connection is released or closed when the block exits.
+    async def post(
+        self, url: str, body: bytes, *, reuse_connection: bool = True
+    ) -> AsyncIterator[UpstreamResponse]:
+        """POST a JSON body; the connection is pooled or closed when the block exits.
 
         Leaving the block before the body was fully read (a client that hung
         up, say) closes the connection, which stops the node's generation.
+        With ``reuse_connection`` False the connection is closed even after a
+        complete reply: llama-server closes its side after every streamed
+        reply without saying so in a header, and a pooled copy of such a
+        connection fails the next request.
         """
-        try:
-            response = await self.session.post(
-                url, data=body, headers={"Content-Type": "application/json"}
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamConnectionError(_describe(exc)) from exc
+        response = await self._send_post(url, body)
         try:
             yield UpstreamResponse(response)
         except BaseException:
@@ -104,7 +107,29 @@ class UpstreamClient:
             response.close()
             raise
         else:
-            response.release()
+            if reuse_connection:
+                response.release()
+            else:
+                response.close()
+
+    async def _send_post(self, url: str, body: bytes) -> aiohttp.ClientResponse:
+        headers = {"Content-Type": "application/json"}
+        try:
+            return await self.session.post(url, data=body, headers=headers)
+        except aiohttp.ClientConnectorError as exc:
+            # No connection could be opened: the node is down or refusing.
+            raise UpstreamConnectionError(_describe(exc)) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # A pooled keep-alive connection that the node had already closed
+            # fails like this before the node read the request, so one retry
+            # on a fresh connection is safe.
+            pass
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamConnectionError(_describe(exc)) from exc
+        try:
+            return await self.session.post(url, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamConnectionError(_describe(exc)) from exc
 
 
 def _describe(exc: BaseException) -> str:
