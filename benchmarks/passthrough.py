@@ -6,7 +6,6 @@ for choosing SOLLOL's upstream HTTP client.
 """
 
 import argparse
-import asyncio
 
 import aiohttp
 import httpx

@@ -60,7 +60,9 @@ class Result:
 def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start a process that prints 'listening on URL' first; return it and the URL."""
     log = open(log_path, "wb")  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+    )
     log.close()
     line = process.stdout.readline().decode()
     if "listening on" not in line:
@@ -132,7 +134,9 @@ def chat_body(model: str, *, stream: bool, max_tokens: int | None = None) -> byt
     return orjson.dumps(body)
 
 
-async def measure(targets: dict[str, str], model: str, total: int, max_tokens: int | None) -> list[str]:
+async def measure(
+    targets: dict[str, str], model: str, total: int, max_tokens: int | None
+) -> list[str]:
     rows = []
     for stream in (False, True):
         body = chat_body(model, stream=stream, max_tokens=max_tokens)
@@ -203,11 +207,17 @@ HEADER = [
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="requests per case, instant backend")
-    parser.add_argument("--llama-requests", type=int, default=300, help="requests per case, llama-server")
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="requests per case, instant backend"
+    )
+    parser.add_argument(
+        "--llama-requests", type=int, default=300, help="requests per case, llama-server"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sollol-bench-"))
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print(f"# logs in {workdir}\n")
 
     with processes() as started:

@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t
 def least_loaded(const int64_t[::1] in_flight, const int64_t[::1] candidates, Py_ssize_t start):
     """Return the candidate node index with the fewest requests in flight, or -1.
 
-    ``candidates`` holds indices into ``in_flight``. The scan starts at
+    ``candidates`` contains indices into ``in_flight``. The scan starts at
     position ``start`` (taken modulo the number of candidates) so that ties
     rotate between nodes instead of always going to the first one.
     Raises ValueError when a candidate index is outside ``in_flight``.

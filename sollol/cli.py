@@ -103,7 +103,13 @@ async def serve_router(settings: Settings) -> None:
     from .app import create_app
     from .server import base_url_of, bind_socket, install_signal_handlers, serve_app
 
-    sock = bind_socket(settings.host, settings.port)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}; "
+            "choose another address or port (--host, --port)"
+        ) from exc
     app = create_app(settings)
     shutdown = asyncio.Event()
     install_signal_handlers(shutdown)

@@ -141,11 +141,14 @@ async def _probe_node(
 ) -> tuple[bool, list[str] | None, str]:
     """Return (healthy, discovered models or None, detail) for one node.
 
-    llama-server answers 503 on every route while it loads its model, so a 503
+    llama-server returns 503 on every route while it loads its model, so a 503
     there means "not ready yet"; the node joins once /health returns 200.
     """
+    # Probes to llama-server use a connection of their own, for the reason
+    # given in proxy._pools_connections.
+    pooled = node.kind is not NodeKind.LLAMACPP
     if node.kind is NodeKind.LLAMACPP:
-        status, _ = await client.get(node.url + "/health", timeout_s=timeout_s)
+        status, _ = await client.get(node.url + "/health", timeout_s=timeout_s, pooled=pooled)
         if status != 200:
             return False, None, "loading" if status == 503 else f"/health returned HTTP {status}"
     elif node.kind is NodeKind.OLLAMA:
@@ -167,7 +170,7 @@ async def _probe_node(
         listing = body.get("models") if isinstance(body, dict) else None
         names = [entry.get("name") for entry in listing or [] if isinstance(entry, dict)]
     else:
-        status, body = await client.get(node.url + "/v1/models", timeout_s=timeout_s)
+        status, body = await client.get(node.url + "/v1/models", timeout_s=timeout_s, pooled=pooled)
         if status != 200:
             return False, None, f"/v1/models returned HTTP {status}"
         listing = body.get("data") if isinstance(body, dict) else None

@@ -64,8 +64,8 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     health_interval_s: float = 5.0
     connect_timeout_s: float = 5.0
-    # Longest silence allowed between two reads from a node; a long prompt's
-    # prefill on a CPU node can take minutes before the first byte.
+    # Maximum silence between two reads from a node. A long prompt's prefill
+    # on a CPU node can take minutes before the first byte.
     read_timeout_s: float = 600.0
     max_attempts: int = 2
     retry_after_s: int = 2

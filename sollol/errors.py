@@ -75,9 +75,9 @@ class NoNodeAvailableError(SollolError):
 
 
 class UpstreamError(SollolError):
-    """An error answered by a node, or a node that could not be reached.
+    """An error response from a node, or a node that could not be reached.
 
-    4xx answers keep their status, since the node judged the request itself;
+    4xx responses keep their status, since the node judged the request itself;
     anything else becomes 502 Bad Gateway.
     """
 

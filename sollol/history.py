@@ -6,9 +6,8 @@ is dropped and counted, so a slow or missing database never slows requests.
 """
 
 import logging
-import queue
 import threading
-import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import (
@@ -83,6 +82,13 @@ def create_history_engine(database_url: str) -> Engine:
 
 
 class HistoryWriter:
+    """Batches rows in memory and inserts them from a background thread.
+
+    ``record`` is a lock-free ``deque.append``: it never blocks and never
+    wakes the writer thread, which instead wakes every ``flush_interval_s``
+    and inserts everything queued, ``batch_rows`` rows per transaction.
+    """
+
     def __init__(
         self,
         engine: Engine,
@@ -92,9 +98,11 @@ class HistoryWriter:
         flush_interval_s: float = 0.5,
     ) -> None:
         self._engine = engine
-        self._queue: queue.Queue[RequestRecord | None] = queue.Queue(maxsize=max_queued_rows)
+        self._queue: deque[RequestRecord] = deque()
+        self._max_queued_rows = max_queued_rows
         self._batch_rows = batch_rows
         self._flush_interval_s = flush_interval_s
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sollol-history", daemon=True)
         self.dropped_rows = 0
         self.written_rows = 0
@@ -104,42 +112,35 @@ class HistoryWriter:
 
     def record(self, row: RequestRecord) -> None:
         """Queue a row for writing; never blocks."""
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+        if len(self._queue) >= self._max_queued_rows:
             if self.dropped_rows == 0:
                 log.warning("history queue is full; dropping rows until it drains")
             self.dropped_rows += 1
+            return
+        self._queue.append(row)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, then stop the writer thread."""
         if not self._thread.is_alive():
             return
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            log.error("history queue did not drain within %.1f s; rows may be lost", timeout_s)
+        self._stop.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("history writer did not finish within %.1f s; rows may be lost", timeout_s)
         if self.dropped_rows:
             log.warning("history dropped %d rows in total", self.dropped_rows)
 
     def _run(self) -> None:
-        done = False
-        while not done:
-            batch: list[RequestRecord] = []
-            deadline = time.monotonic() + self._flush_interval_s
-            while len(batch) < self._batch_rows:
-                timeout = max(0.0, deadline - time.monotonic())
-                try:
-                    row = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    break
-                if row is None:
-                    done = True
-                    break
-                batch.append(row)
-            if batch:
-                self._write(batch)
+        while not self._stop.wait(self._flush_interval_s):
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._queue:
+            batch = []
+            while self._queue and len(batch) < self._batch_rows:
+                batch.append(self._queue.popleft())
+            self._write(batch)
 
     def _write(self, batch: list[RequestRecord]) -> None:
         try:

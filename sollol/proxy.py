@@ -16,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .cluster import Cluster, Node
-from .config import Settings
+from .config import NodeKind, Settings
 from .errors import (
     NoNodeAvailableError,
     SollolError,
@@ -105,9 +105,9 @@ class Proxy:
     ) -> tuple[Node, AsyncExitStack, UpstreamResponse]:
         """Send the request to a node and wait for its status line, failing over on errors.
 
-        Connection failures and 5xx answers move on to another node serving the
-        model, up to ``max_attempts`` nodes; a 4xx answer is the node's verdict
-        on the request and is returned at once. On success the chosen node
+        Connection failures and 5xx responses move on to another node serving
+        the model, up to ``max_attempts`` nodes. A 4xx response is the node's
+        judgement of the request, so it is returned at once. On success the chosen node
         stays acquired and the returned stack owns the open upstream response.
         """
         payload = self._upstream_payload(request)
@@ -125,7 +125,7 @@ class Proxy:
             try:
                 upstream = await stack.enter_async_context(
                     self.client.post(
-                        node.url + request.route, payload, reuse_connection=not request.stream
+                        node.url + request.route, payload, pooled=_pools_connections(node)
                     )
                 )
                 if upstream.status == 200:
@@ -135,7 +135,10 @@ class Proxy:
             except UpstreamConnectionError as exc:
                 await stack.aclose()
                 self.cluster.release(node)
-                self.cluster.mark_unreachable(node, str(exc))
+                if exc.connect_failed:
+                    # Only a node that cannot be connected to leaves rotation;
+                    # a connection that broke in use may be a one-off.
+                    self.cluster.mark_unreachable(node, str(exc))
                 last_error = UpstreamError(f"node {node.name} could not be reached: {exc}")
                 log.warning("attempt on node %s failed: %s", node.name, exc)
                 continue
@@ -240,7 +243,7 @@ class StreamRelay:
                         self._record.ttft_ms = (time.perf_counter() - self._started) * 1000.0
                     yield out
         except UpstreamConnectionError as exc:
-            # The client already has part of the answer, so no other node can
+            # The client already has part of the reply, so no other node can
             # take over. End with an error event and no [DONE], which the
             # OpenAI SDK raises as APIError.
             self._record.outcome = "error"
@@ -309,6 +312,19 @@ class RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._relay.close()
+
+
+def _pools_connections(node: Node) -> bool:
+    """Return whether requests to ``node`` may reuse pooled keep-alive connections.
+
+    llama-server gives each open connection one of a few HTTP threads, and an
+    idle pooled connection keeps its thread until the 5 s keep-alive timeout.
+    With more pooled connections than threads, new requests stalled 5 to 15 s
+    (measured at 16 concurrent requests on a 2-slot node). It also closes its
+    side after each streamed reply without a Connection: close header. So each
+    request to a llama-server node gets a connection of its own.
+    """
+    return node.kind is not NodeKind.LLAMACPP
 
 
 def _read_usage(reply: dict[str, Any], record: RequestRecord) -> None:

@@ -19,7 +19,7 @@ def _check_int64_vector(name: str, array: np.ndarray) -> None:
 def least_loaded(in_flight: np.ndarray, candidates: np.ndarray, start: int) -> int:
     """Return the candidate node index with the fewest requests in flight, or -1.
 
-    ``candidates`` holds indices into ``in_flight``. The scan starts at
+    ``candidates`` contains indices into ``in_flight``. The scan starts at
     position ``start`` (taken modulo the number of candidates) so that ties
     rotate between nodes instead of always going to the first one.
     Raises ValueError when a candidate index is outside ``in_flight``.

@@ -1,7 +1,7 @@
 """Node-selection primitives: the compiled core when it loads, else the pure twin.
 
-Set SOLLOL_NO_EXTENSIONS=1 to force the pure-Python twin. ``COMPILED`` tells
-which one is in use; the test suite fails when the extension was built but did
+Set SOLLOL_NO_EXTENSIONS=1 to force the pure-Python twin. ``COMPILED`` is True
+when the compiled one is in use; the test suite fails when the extension was built but did
 not load.
 """
 

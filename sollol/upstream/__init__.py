@@ -1,12 +1,13 @@
 """The one pooled HTTP client for all traffic to nodes.
 
 aiohttp was chosen over httpx by a side-by-side measurement through a
-pass-through proxy (benchmarks/upstream_clients.py; figures in
+pass-through proxy (benchmarks/router_overhead.py; figures in
 docs/benchmarks.md). Every aiohttp and timeout error is translated here, at
 one boundary, into UpstreamConnectionError, so callers never import aiohttp.
 """
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +15,19 @@ from typing import Any
 import aiohttp
 import orjson
 
+log = logging.getLogger(__name__)
+
 
 class UpstreamConnectionError(Exception):
-    """A node could not be reached, reset the connection, or stopped sending in time."""
+    """A node could not be reached, reset the connection, or stopped sending in time.
+
+    ``connect_failed`` is True when no connection could be opened at all (the
+    node is down or refusing), as opposed to one that broke while in use.
+    """
+
+    def __init__(self, message: str, *, connect_failed: bool = False) -> None:
+        super().__init__(message)
+        self.connect_failed = connect_failed
 
 
 class UpstreamResponse:
@@ -48,6 +59,7 @@ class UpstreamClient:
         )
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         # llama-server closes idle keep-alive connections after 5 s (its
@@ -58,24 +70,26 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False
         )
+        # For requests that must not share connections, and for retries after
+        # a broken pooled connection, which must not pick another stale one.
+        self._fresh_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._max_connections, force_close=True),
+            timeout=self._timeout,
+            auto_decompress=False,
+        )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
+        self._session = None
+        self._fresh_session = None
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("UpstreamClient.start() was not called")
-        return self._session
-
-    async def get(self, url: str, *, timeout_s: float) -> tuple[int, Any]:
+    async def get(self, url: str, *, timeout_s: float, pooled: bool = True) -> tuple[int, Any]:
         """GET a URL and return (status, parsed JSON body or None)."""
+        session = self._session_for(pooled)
         try:
-            async with self.session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as response:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -87,18 +101,16 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def post(
-        self, url: str, body: bytes, *, reuse_connection: bool = True
+        self, url: str, body: bytes, *, pooled: bool = True
     ) -> AsyncIterator[UpstreamResponse]:
         """POST a JSON body; the connection is pooled or closed when the block exits.
 
         Leaving the block before the body was fully read (a client that hung
         up, say) closes the connection, which stops the node's generation.
-        With ``reuse_connection`` False the connection is closed even after a
-        complete reply: llama-server closes its side after every streamed
-        reply without saying so in a header, and a pooled copy of such a
-        connection fails the next request.
+        With ``pooled`` False the request opens a new connection and closes
+        it after the reply (see ``Proxy`` for the nodes that need this).
         """
-        response = await self._send_post(url, body)
+        response = await self._send_post(url, body, pooled=pooled)
         try:
             yield UpstreamResponse(response)
         except BaseException:
@@ -107,27 +119,33 @@ class UpstreamClient:
             response.close()
             raise
         else:
-            if reuse_connection:
-                response.release()
-            else:
-                response.close()
+            response.release()
 
-    async def _send_post(self, url: str, body: bytes) -> aiohttp.ClientResponse:
+    def _session_for(self, pooled: bool) -> aiohttp.ClientSession:
+        session = self._session if pooled else self._fresh_session
+        if session is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        return session
+
+    async def _send_post(self, url: str, body: bytes, *, pooled: bool) -> aiohttp.ClientResponse:
         headers = {"Content-Type": "application/json"}
+        if pooled:
+            try:
+                return await self._session_for(True).post(url, data=body, headers=headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                raise UpstreamConnectionError(_describe(exc), connect_failed=True) from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection that the node had already
+                # closed fails like this before the node read the request, so
+                # one retry on a new connection is safe.
+                log.debug("retrying %s on a new connection after: %s", url, _describe(exc))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamConnectionError(_describe(exc)) from exc
+
         try:
-            return await self.session.post(url, data=body, headers=headers)
-        except aiohttp.ClientConnectorError as exc:
-            # No connection could be opened: the node is down or refusing.
-            raise UpstreamConnectionError(_describe(exc)) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # A pooled keep-alive connection that the node had already closed
-            # fails like this before the node read the request, so one retry
-            # on a fresh connection is safe.
-            pass
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamConnectionError(_describe(exc)) from exc
-        try:
-            return await self.session.post(url, data=body, headers=headers)
+            return await self._session_for(False).post(url, data=body, headers=headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise UpstreamConnectionError(_describe(exc), connect_failed=True) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamConnectionError(_describe(exc)) from exc
 
