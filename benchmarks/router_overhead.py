@@ -215,9 +215,8 @@ async def main() -> None:
     )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sollol-bench-"))
-    print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# logs in {workdir}\n")
 
     with processes() as started:
