@@ -21,6 +21,7 @@ from .proxy import Proxy
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("sollol.access")
 
 _HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
@@ -103,6 +104,15 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
 
 async def _sollol_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SollolError)
+    if not exc.recorded:
+        # Rejected before reaching the proxy: bad input or an unknown model.
+        access_log.info(
+            "%s %s status=%d error=%s",
+            request.method,
+            request.url.path,
+            exc.status_code,
+            exc.message,
+        )
     return Response(
         exc.to_body(),
         status_code=exc.status_code,

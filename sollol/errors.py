@@ -36,6 +36,9 @@ class SollolError(Exception):
         if status_code is not None:
             self.status_code = status_code
         self.headers = headers or {}
+        # Set once the proxy has written this request's access line and
+        # history row, so the error handler does not log it a second time.
+        self.recorded = False
 
     def to_body(self) -> bytes:
         return openai_error_body(self.message, self.error_type, param=self.param, code=self.code)

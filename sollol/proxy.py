@@ -74,6 +74,7 @@ class Proxy:
             record.outcome = "error"
             record.error = exc.message[:512]
             self._finish(record, started)
+            exc.recorded = True
             raise
 
         if request.stream:
@@ -87,7 +88,9 @@ class Proxy:
         except UpstreamConnectionError as exc:
             record.status, record.outcome, record.error = 502, "error", str(exc)[:512]
             self._finish(record, started)
-            raise UpstreamError(f"node {node.name} failed while replying: {exc}") from exc
+            error = UpstreamError(f"node {node.name} failed while replying: {exc}")
+            error.recorded = True
+            raise error from exc
         except BaseException:
             record.outcome = "cancelled"
             self._finish(record, started)
