@@ -131,15 +131,16 @@ def write_router_config(path: Path, *, database_path: Path, nodes: list[dict]) -
         "",
     ]
     for node in nodes:
-        models = ", ".join(f'"{model}"' for model in node["models"])
         lines += [
             "[[nodes]]",
             f'name = "{node["name"]}"',
             f'kind = "{node.get("kind", "llamacpp")}"',
             f'url = "{node["url"]}"',
-            f"models = [{models}]",
-            "",
         ]
+        if "models" in node:
+            models = ", ".join(f'"{model}"' for model in node["models"])
+            lines.append(f"models = [{models}]")
+        lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
