@@ -15,12 +15,10 @@ else:
     from Cython.Build import cythonize
 
     debug = os.environ.get("SOLLOL_DEBUG_BUILD") == "1"
+    compile_args = ["-O0", "-g"] if debug else ["-O3"]
     extensions = [
-        Extension(
-            "sollol.routing._select_c",
-            ["csrc/_select_c.pyx"],
-            extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
-        )
+        Extension(f"sollol.routing.{name}", [f"csrc/{name}.pyx"], extra_compile_args=compile_args)
+        for name in ("_select_c", "_score_c")
     ]
     ext_modules = cythonize(
         extensions,
