@@ -194,4 +194,6 @@ def _coerce(key: str, value: Any, *, source: str) -> Any:
         raise ConfigError(f"{source}: {value!r} is not a valid {key}") from None
     if isinstance(coerced, int | float) and coerced < 0:
         raise ConfigError(f"{source}: {key} must not be negative, got {value!r}")
+    if key == "port" and coerced > 65535:
+        raise ConfigError(f"{source}: port must be from 0 to 65535, got {value!r}")
     return coerced

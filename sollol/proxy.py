@@ -152,6 +152,7 @@ class Proxy:
             self.cluster.release(node)
             error = upstream_error_from_reply(upstream.status, error_body, node.name)
             if upstream.status < 500:
+                error.headers["x-sollol-node"] = node.name
                 raise error
             last_error = error
             log.warning("attempt on node %s failed with HTTP %d", node.name, upstream.status)

@@ -84,6 +84,7 @@ def test_node_spec(spec, kind, url):
     [
         ("[server]\nport = 'x'\n", "not a valid port"),
         ("[server]\nport = -1\n", "must not be negative"),
+        ("[server]\nport = 70000\n", "port must be from 0 to 65535"),
         ("[server]\nbogus = 1\n", "unknown [server] keys: bogus"),
         ("[[nodes]]\nkind = 'ollama'\n", "missing url"),
         ("[[nodes]]\nurl = 'ftp://x'\n", "is invalid"),

@@ -275,3 +275,11 @@ def test_history_records_each_request(client, router):
     assert plain_row[6:8] == (plain.usage.prompt_tokens, plain.usage.completion_tokens)
     assert plain_row[8] is None
     assert plain_row[9] > 0
+
+
+def test_node_error_keeps_status_and_names_node(router):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": "many"}
+    response = httpx.post(router.base_url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.headers["x-sollol-node"] in {"node-a", "node-b"}
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -1,0 +1,179 @@
+"""Per-node routing signals and the decision that turns them into a node choice.
+
+``NodeSignals`` keeps the node-by-signal matrix the scoring core reads and
+updates it in place from probes and finished requests; the request path never
+rebuilds it. ``RoutingEngine.decide`` fills the request vector and calls the
+core once per attempt.
+"""
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .features import RequestFeatures
+from .layout import (
+    COL_COST_WEIGHT,
+    COL_DECODE_TPS,
+    COL_ERROR_RATE,
+    COL_HEALTHY,
+    COL_IN_FLIGHT,
+    COL_IS_GPU,
+    COL_QUEUE_DEPTH,
+    COL_SLOTS_TOTAL,
+    COL_TTFT_MS,
+    NODE_COLUMNS,
+    POLICY_IDS,
+    REQ_AFFINITY_NODE,
+    REQ_COLUMNS,
+    REQ_MAX_TOKENS,
+    REQ_MODEL_LOAD_MS,
+    REQ_PRIORITY,
+    REQ_PROMPT_TOKENS,
+    REQ_WANTS_GPU,
+)
+from .select import score_nodes
+
+# Weight of the newest observation in the moving averages.
+EWMA_ALPHA = 0.2
+MAX_AFFINITY_KEYS = 10_000
+# Assumed time to load a model into memory where it is not loaded; an estimate
+# until the node reports its own load times.
+DEFAULT_MODEL_LOAD_MS = 10_000.0
+
+
+class NodeSignals:
+    def __init__(self, node_count: int) -> None:
+        self.matrix = np.full((node_count, NODE_COLUMNS), math.nan)
+        self.matrix[:, COL_HEALTHY] = 0.0
+        self.matrix[:, COL_IN_FLIGHT] = 0.0
+        self.matrix[:, COL_QUEUE_DEPTH] = 0.0
+        self.matrix[:, COL_ERROR_RATE] = 0.0
+        self.matrix[:, COL_IS_GPU] = 0.0
+        self.matrix[:, COL_COST_WEIGHT] = 1.0
+
+    def set_static(self, node: int, *, is_gpu: bool, cost_weight: float) -> None:
+        self.matrix[node, COL_IS_GPU] = 1.0 if is_gpu else 0.0
+        self.matrix[node, COL_COST_WEIGHT] = cost_weight
+
+    def set_healthy(self, node: int, healthy: bool) -> None:
+        self.matrix[node, COL_HEALTHY] = 1.0 if healthy else 0.0
+
+    def set_slots(self, node: int, slots: int | None) -> None:
+        self.matrix[node, COL_SLOTS_TOTAL] = math.nan if slots is None else float(slots)
+
+    def set_queue_depth(self, node: int, depth: float) -> None:
+        self.matrix[node, COL_QUEUE_DEPTH] = depth
+
+    def in_flight(self, node: int) -> int:
+        return int(self.matrix[node, COL_IN_FLIGHT])
+
+    def acquire(self, node: int) -> None:
+        self.matrix[node, COL_IN_FLIGHT] += 1.0
+
+    def release(self, node: int) -> None:
+        self.matrix[node, COL_IN_FLIGHT] -= 1.0
+
+    def observe(
+        self, node: int, *, ok: bool, ttft_ms: float | None = None, decode_tps: float | None = None
+    ) -> None:
+        """Fold one finished request into the node's moving averages."""
+        row = self.matrix[node]
+        row[COL_ERROR_RATE] += EWMA_ALPHA * ((0.0 if ok else 1.0) - row[COL_ERROR_RATE])
+        if ttft_ms is not None and ttft_ms >= 0:
+            row[COL_TTFT_MS] = _ewma(row[COL_TTFT_MS], ttft_ms)
+        if decode_tps is not None and decode_tps > 0:
+            row[COL_DECODE_TPS] = _ewma(row[COL_DECODE_TPS], decode_tps)
+
+    def row(self, node: int) -> dict[str, float | None]:
+        values = self.matrix[node]
+        names = {
+            "in_flight": COL_IN_FLIGHT,
+            "queue_depth": COL_QUEUE_DEPTH,
+            "slots_total": COL_SLOTS_TOTAL,
+            "ttft_ms": COL_TTFT_MS,
+            "decode_tokens_per_s": COL_DECODE_TPS,
+            "error_rate": COL_ERROR_RATE,
+        }
+        return {name: _finite_or_none(values[column]) for name, column in names.items()}
+
+
+@dataclass(slots=True)
+class Decision:
+    node: int
+    policy: str
+    candidates: list[int]
+    scores: list[float]
+
+
+class RoutingEngine:
+    def __init__(self, signals: NodeSignals, *, default_policy: str) -> None:
+        if default_policy not in POLICY_IDS:
+            raise ValueError(f"unknown routing policy {default_policy!r}")
+        self.signals = signals
+        self.default_policy = default_policy
+        node_count = signals.matrix.shape[0]
+        self._scores = np.empty(node_count)
+        self._request = np.zeros(REQ_COLUMNS)
+        self._unknown = np.full(node_count, math.nan)
+        self._affinity: OrderedDict[bytes, int] = OrderedDict()
+        self._turn = 0
+
+    def decide(
+        self,
+        candidates: np.ndarray,
+        features: RequestFeatures,
+        policy: str | None = None,
+        *,
+        model_loaded: np.ndarray | None = None,
+        model_fits: np.ndarray | None = None,
+    ) -> Decision | None:
+        """Score ``candidates`` under ``policy`` (default: the configured one) and pick one."""
+        policy = policy or self.default_policy
+        request = self._request
+        request[REQ_PROMPT_TOKENS] = features.prompt_tokens
+        request[REQ_MAX_TOKENS] = features.max_tokens
+        request[REQ_PRIORITY] = features.priority
+        request[REQ_WANTS_GPU] = 0.0 if features.task == "embedding" else 1.0
+        affinity = self._affinity.get(features.prefix_key, -1) if features.prefix_key else -1
+        request[REQ_AFFINITY_NODE] = affinity
+        request[REQ_MODEL_LOAD_MS] = DEFAULT_MODEL_LOAD_MS
+
+        self._turn += 1
+        node = score_nodes(
+            self.signals.matrix,
+            self._unknown if model_loaded is None else model_loaded,
+            self._unknown if model_fits is None else model_fits,
+            candidates,
+            request,
+            POLICY_IDS[policy],
+            self._turn,
+            self._scores,
+        )
+        if node < 0:
+            return None
+        count = len(candidates)
+        return Decision(
+            node=node,
+            policy=policy,
+            candidates=candidates.tolist(),
+            scores=self._scores[:count].tolist(),
+        )
+
+    def remember_prefix(self, features: RequestFeatures, node: int) -> None:
+        """Record that ``node`` now holds this conversation's prompt cache."""
+        if features.prefix_key is None:
+            return
+        self._affinity[features.prefix_key] = node
+        self._affinity.move_to_end(features.prefix_key)
+        if len(self._affinity) > MAX_AFFINITY_KEYS:
+            self._affinity.popitem(last=False)
+
+
+def _ewma(current: float, value: float) -> float:
+    return value if math.isnan(current) else current + EWMA_ALPHA * (value - current)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
