@@ -32,7 +32,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     With ``probe_nodes`` False the lifespan neither probes nodes nor runs the
     health loop, so tests can set node state by hand.
     """
-    cluster = Cluster(settings.nodes)
+    cluster = Cluster(settings.nodes, default_policy=settings.routing_policy)
     client = UpstreamClient(
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
@@ -75,9 +75,9 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
                 "url": node.url,
                 "healthy": node.healthy,
                 "models": sorted(node.models),
-                "in_flight": int(cluster.in_flight[node.index]),
                 "served": node.served_total,
                 "last_error": node.last_error,
+                **cluster.signals.row(node.index),
             }
             for node in cluster.nodes
         ]
@@ -88,7 +88,11 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         )
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *openai_routes.routes()],
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/sollol/route", openai_routes.explain_route, methods=["GET"]),
+            *openai_routes.routes(),
+        ],
         exception_handlers={
             SollolError: _sollol_error,
             HTTPException: _http_error,

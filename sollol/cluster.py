@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import NodeConfig, NodeKind
-from .routing.select import least_loaded
+from .routing.engine import Decision, NodeSignals, RoutingEngine
+from .routing.features import RequestFeatures
 from .upstream import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,23 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, nodes: Iterable[NodeConfig]) -> None:
+    def __init__(
+        self, nodes: Iterable[NodeConfig], *, default_policy: str = "predicted_latency"
+    ) -> None:
         self.nodes = [
             Node(config=config, index=index, models=frozenset(config.models))
             for index, config in enumerate(nodes)
         ]
-        self.in_flight = np.zeros(len(self.nodes), dtype=np.int64)
+        self.signals = NodeSignals(len(self.nodes))
+        for node in self.nodes:
+            self.signals.set_static(
+                node.index, is_gpu=node.config.gpu, cost_weight=node.config.cost_weight
+            )
+        self.engine = RoutingEngine(self.signals, default_policy=default_policy)
         self._candidates: dict[str, np.ndarray] = {}
-        self._turn = 0
+        # Per model, 1 where a node reports the model loaded in memory, 0 where
+        # it reports it not loaded, NaN where the node does not say.
+        self._loaded: dict[str, np.ndarray] = {}
 
     # -- request path ----------------------------------------------------
 
@@ -63,20 +73,26 @@ class Cluster:
         """Return True when any node, healthy or not, lists the model."""
         return any(model in node.models for node in self.nodes)
 
-    def choose(self, model: str, exclude: frozenset[int] = frozenset()) -> Node | None:
-        """Pick the healthy node serving ``model`` with the fewest requests in flight."""
+    def choose(
+        self,
+        model: str,
+        features: RequestFeatures,
+        policy: str | None = None,
+        exclude: frozenset[int] = frozenset(),
+    ) -> Decision | None:
+        """Score the healthy nodes serving ``model`` and pick one, or return None."""
         candidates = self._candidates.get(model, _EMPTY)
         if exclude:
             candidates = candidates[~np.isin(candidates, list(exclude))]
-        self._turn += 1
-        index = least_loaded(self.in_flight, candidates, self._turn)
-        return None if index < 0 else self.nodes[index]
+        return self.engine.decide(
+            candidates, features, policy, model_loaded=self._loaded.get(model)
+        )
 
     def acquire(self, node: Node) -> None:
-        self.in_flight[node.index] += 1
+        self.signals.acquire(node.index)
 
     def release(self, node: Node) -> None:
-        self.in_flight[node.index] -= 1
+        self.signals.release(node.index)
         node.served_total += 1
 
     def healthy_models(self) -> list[str]:
@@ -119,13 +135,55 @@ class Cluster:
         node.last_error = None if healthy else detail
         if models is not None and not node.config.models:
             node.models = frozenset(models)
+        if healthy:
+            await self._read_load_signals(client, node, timeout_s)
         if healthy != was_healthy:
             if healthy:
                 log.info("node %s is healthy, serving %s", node.name, sorted(node.models))
             else:
                 log.warning("node %s is unhealthy: %s", node.name, detail)
 
+    async def _read_load_signals(
+        self, client: UpstreamClient, node: Node, timeout_s: float
+    ) -> None:
+        """Read slots, queue and loaded models from the node's own endpoints.
+
+        A node that does not answer these (an older build, slots disabled) is
+        still routed to, on the router's own signals.
+        """
+        try:
+            if node.kind is NodeKind.LLAMACPP:
+                slots, busy = await _llama_slots(client, node, timeout_s)
+                self.signals.set_slots(node.index, slots)
+                # Busy slots beyond the router's own requests are load from
+                # other clients of the same node.
+                if busy is not None:
+                    others = max(0, busy - self.signals.in_flight(node.index))
+                    self.signals.set_queue_depth(node.index, float(others))
+                self._set_loaded(node, node.models)
+            elif node.kind is NodeKind.OLLAMA:
+                status, body = await client.get(node.url + "/api/ps", timeout_s=timeout_s)
+                if status == 200 and isinstance(body, dict):
+                    loaded = {
+                        entry.get("name")
+                        for entry in body.get("models") or []
+                        if isinstance(entry, dict)
+                    }
+                    self._set_loaded(node, {name for name in loaded if isinstance(name, str)})
+        except UpstreamConnectionError as exc:
+            log.debug("reading load signals of node %s failed: %s", node.name, exc)
+
+    def _set_loaded(self, node: Node, loaded: set[str] | frozenset[str]) -> None:
+        for model in node.models | set(loaded):
+            row = self._loaded.get(model)
+            if row is None:
+                row = np.full(len(self.nodes), np.nan)
+                self._loaded[model] = row
+            row[node.index] = 1.0 if model in loaded else 0.0
+
     def _rebuild_candidates(self) -> None:
+        for node in self.nodes:
+            self.signals.set_healthy(node.index, node.healthy)
         by_model: dict[str, list[int]] = {}
         for node in self.nodes:
             if node.healthy:
@@ -176,3 +234,17 @@ async def _probe_node(
         listing = body.get("data") if isinstance(body, dict) else None
         names = [entry.get("id") for entry in listing or [] if isinstance(entry, dict)]
     return True, [name for name in names if isinstance(name, str) and name], "ok"
+
+
+async def _llama_slots(
+    client: UpstreamClient, node: Node, timeout_s: float
+) -> tuple[int | None, int | None]:
+    """Return llama-server's (total slots, busy slots), None where it does not say."""
+    total = busy = None
+    status, props = await client.get(node.url + "/props", timeout_s=timeout_s, pooled=False)
+    if status == 200 and isinstance(props, dict) and isinstance(props.get("total_slots"), int):
+        total = props["total_slots"]
+    status, slots = await client.get(node.url + "/slots", timeout_s=timeout_s, pooled=False)
+    if status == 200 and isinstance(slots, list):
+        busy = sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing"))
+    return total, busy

@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .routing.layout import POLICY_IDS
+
+
+DEFAULT_ROUTING_POLICY = "predicted_latency"
+
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the setting and its source."""
@@ -41,6 +46,9 @@ class NodeConfig:
     kind: NodeKind = NodeKind.OPENAI
     name: str = ""
     models: tuple[str, ...] = ()
+    gpu: bool = False
+    # Relative cost of sending work to this node (energy, price); 1 is neutral.
+    cost_weight: float = 1.0
 
     def __post_init__(self) -> None:
         url = self.url.rstrip("/")
@@ -70,6 +78,8 @@ class Settings:
     max_attempts: int = 2
     retry_after_s: int = 2
     max_upstream_connections: int = 256
+    # round_robin | least_loaded | sollol_heuristic | predicted_latency
+    routing_policy: str = DEFAULT_ROUTING_POLICY
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
 
 
@@ -123,6 +133,12 @@ def load_settings(
             values[key] = _coerce(key, value, source=f"--{key.replace('_', '-')}")
     nodes.extend(parse_node_spec(spec) for spec in extra_nodes)
 
+    policy = values.get("routing_policy", DEFAULT_ROUTING_POLICY)
+    if policy not in POLICY_IDS:
+        raise ConfigError(
+            f"unknown routing_policy {policy!r}; expected one of {', '.join(sorted(POLICY_IDS))}"
+        )
+
     names = [node.name for node in nodes]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -149,12 +165,20 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
         where = f"{source} [[nodes]] #{position + 1}"
         if not isinstance(table, dict) or "url" not in table:
             raise ConfigError(f"{where}: missing url")
-        unknown = sorted(set(table) - {"url", "kind", "name", "models"})
+        unknown = sorted(set(table) - {"url", "kind", "name", "models", "gpu", "cost_weight"})
         if unknown:
             raise ConfigError(f"{where}: unknown keys: {', '.join(unknown)}")
         models = table.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise ConfigError(f"{where}: models must be a list of non-empty strings")
+        gpu = table.get("gpu", False)
+        if not isinstance(gpu, bool):
+            raise ConfigError(f"{where}: gpu must be true or false")
+        cost_weight = table.get("cost_weight", 1.0)
+        if isinstance(cost_weight, bool) or not isinstance(cost_weight, int | float):
+            raise ConfigError(f"{where}: cost_weight must be a number")
+        if not cost_weight > 0:
+            raise ConfigError(f"{where}: cost_weight must be positive, got {cost_weight}")
         try:
             nodes.append(
                 NodeConfig(
@@ -162,6 +186,8 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
                     kind=_parse_kind(table.get("kind", "openai"), source=where),
                     name=str(table.get("name", "")),
                     models=tuple(models),
+                    gpu=gpu,
+                    cost_weight=float(cost_weight),
                 )
             )
         except ConfigError as exc:

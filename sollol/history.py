@@ -8,7 +8,7 @@ is dropped and counted, so a slow or missing database never slows requests.
 import logging
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from sqlalchemy import (
     Boolean,
@@ -18,9 +18,11 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
     insert,
+    inspect,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,7 +48,10 @@ requests_table = Table(
     Column("completion_tokens", Integer, nullable=True),
     Column("ttft_ms", Float, nullable=True, doc="Time to the first streamed event"),
     Column("latency_ms", Float, nullable=False),
+    Column("policy", String(32), nullable=True),
+    Column("scores", Text, nullable=True, doc="JSON object: candidate node -> score (lower wins)"),
 )
+COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
 
 
 @dataclass(slots=True)
@@ -64,6 +69,12 @@ class RequestRecord:
     completion_tokens: int | None = None
     ttft_ms: float | None = None
     latency_ms: float = 0.0
+    policy: str | None = None
+    scores: str | None = None
+    # Reported by the node (llama-server's `timings`); feed the routing
+    # signals and are not stored.
+    node_ttft_ms: float | None = None
+    node_decode_tps: float | None = None
 
 
 def create_history_engine(database_url: str) -> Engine:
@@ -78,7 +89,23 @@ def create_history_engine(database_url: str) -> Engine:
             cursor.close()
 
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add nullable columns that a history file from an older SOLLOL lacks.
+
+    NOTE: a stopgap until the schema has real migrations; it only adds
+    columns, never changes or drops them.
+    """
+    present = {column["name"] for column in inspect(engine).get_columns("requests")}
+    with engine.begin() as connection:
+        for column in requests_table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.exec_driver_sql(f"ALTER TABLE requests ADD COLUMN {column.name} {kind}")
+                log.info("history: added column %s to the requests table", column.name)
 
 
 class HistoryWriter:
@@ -145,7 +172,8 @@ class HistoryWriter:
     def _write(self, batch: list[RequestRecord]) -> None:
         try:
             with self._engine.begin() as connection:
-                connection.execute(insert(requests_table), [asdict(row) for row in batch])
+                rows = [{name: getattr(row, name) for name in COLUMN_NAMES} for row in batch]
+                connection.execute(insert(requests_table), rows)
         except SQLAlchemyError as exc:
             # NOTE: a failed batch is dropped, not retried; buffering across a
             # database outage is still to be built.

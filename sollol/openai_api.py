@@ -10,6 +10,14 @@ from starlette.routing import Route
 
 from .errors import InvalidRequestError, ModelNotFoundError, PayloadTooLargeError
 from .proxy import Proxy, ProxyRequest
+from .routing.features import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PRIORITY,
+    RequestFeatures,
+    estimate_features,
+    parse_priority,
+)
+from .routing.layout import POLICY_IDS
 
 
 async def read_json_body(request: Request, max_body_bytes: int) -> dict[str, Any]:
@@ -108,6 +116,43 @@ def _check_text_or_tokens(body: dict[str, Any], field: str) -> None:
     )
 
 
+def _read_policy(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if value not in POLICY_IDS:
+        raise InvalidRequestError(
+            f"unknown routing policy {value!r}; expected one of {', '.join(sorted(POLICY_IDS))}",
+            param="x-sollol-policy",
+        )
+    return value
+
+
+def _read_priority(body: dict[str, Any], header: str | None) -> int:
+    """Return the request priority from the body field ``priority`` or the header."""
+    try:
+        if "priority" in body:
+            # Not an OpenAI field, so it is taken out before the body goes to a node.
+            return parse_priority(body.pop("priority"), "'priority'")
+        if header is not None:
+            return parse_priority(header, "x-sollol-priority")
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="priority") from None
+    return DEFAULT_PRIORITY
+
+
+def _read_number(params: Any, name: str, default: float) -> float:
+    text = params.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidRequestError(f"'{name}' must be a number, got {text!r}", param=name) from None
+    if not value >= 0:
+        raise InvalidRequestError(f"'{name}' must not be negative", param=name)
+    return value
+
+
 class OpenAIRoutes:
     def __init__(self, proxy: Proxy, *, max_body_bytes: int) -> None:
         self._proxy = proxy
@@ -128,14 +173,14 @@ class OpenAIRoutes:
         model = _require_model(body)
         _check_messages(body)
         stream = _read_stream_flag(body)
-        return await self._forward("/v1/chat/completions", body, model, stream)
+        return await self._forward(request, "/v1/chat/completions", "chat", body, model, stream)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json_body(request, self._max_body_bytes)
         model = _require_model(body)
         _check_text_or_tokens(body, "prompt")
         stream = _read_stream_flag(body)
-        return await self._forward("/v1/completions", body, model, stream)
+        return await self._forward(request, "/v1/completions", "completion", body, model, stream)
 
     async def embeddings(self, request: Request) -> Response:
         body = await read_json_body(request, self._max_body_bytes)
@@ -147,17 +192,77 @@ class OpenAIRoutes:
                 f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
                 param="encoding_format",
             )
-        return await self._forward("/v1/embeddings", body, model, stream=False)
+        return await self._forward(request, "/v1/embeddings", "embedding", body, model, False)
 
     async def _forward(
-        self, route: str, body: dict[str, Any], model: str, stream: bool
+        self,
+        request: Request,
+        route: str,
+        task: str,
+        body: dict[str, Any],
+        model: str,
+        stream: bool,
     ) -> Response:
+        policy = _read_policy(request.headers.get("x-sollol-policy"))
+        priority = _read_priority(body, request.headers.get("x-sollol-priority"))
         # Checked before choosing a node, so an unknown model never reaches one.
         if not self._proxy.cluster.knows_model(model):
             raise ModelNotFoundError(model)
+        features = estimate_features(task, body, priority)
         return await self._proxy.forward(
-            ProxyRequest(route=route, body=body, model=model, stream=stream)
+            ProxyRequest(
+                route=route,
+                body=body,
+                model=model,
+                features=features,
+                stream=stream,
+                policy=policy,
+            )
         )
+
+    async def explain_route(self, request: Request) -> Response:
+        """Show which node the router would choose now, and every candidate's score.
+
+        Query parameters: ``model`` (required), ``policy``, ``task`` (chat,
+        completion or embedding), ``prompt_tokens``, ``max_tokens``, ``priority``.
+        """
+        params = request.query_params
+        model = params.get("model")
+        if not model:
+            raise InvalidRequestError("missing query parameter 'model'", param="model")
+        if not self._proxy.cluster.knows_model(model):
+            raise ModelNotFoundError(model)
+        policy = _read_policy(params.get("policy"))
+        task = params.get("task", "chat")
+        if task not in ("chat", "completion", "embedding"):
+            raise InvalidRequestError(f"unknown task {task!r}", param="task")
+        features = RequestFeatures(
+            task=task,
+            prompt_tokens=_read_number(params, "prompt_tokens", 0.0),
+            max_tokens=_read_number(params, "max_tokens", float(DEFAULT_MAX_TOKENS)),
+            priority=_read_priority({}, params.get("priority")),
+        )
+        cluster = self._proxy.cluster
+        # NOTE: a dry run still advances the round-robin turn by one.
+        decision = cluster.choose(model, features, policy)
+        candidates = []
+        if decision is not None:
+            for index, score in zip(decision.candidates, decision.scores, strict=True):
+                candidates.append(
+                    {
+                        "node": cluster.nodes[index].name,
+                        "score": score if score != float("inf") else None,
+                        "signals": cluster.signals.row(index),
+                    }
+                )
+        body = {
+            "model": model,
+            "policy": policy or cluster.engine.default_policy,
+            "chosen": None if decision is None else cluster.nodes[decision.node].name,
+            "candidates": candidates,
+            "lower_score_wins": True,
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
 
     async def list_models(self, request: Request) -> Response:
         data = [self._model_entry(model) for model in self._proxy.cluster.healthy_models()]

@@ -25,6 +25,8 @@ from .errors import (
     upstream_error_from_reply,
 )
 from .history import HistoryWriter, RequestRecord
+from .routing.engine import Decision
+from .routing.features import RequestFeatures
 from .sse import Event, SSEParser
 from .upstream import UpstreamClient, UpstreamConnectionError, UpstreamResponse
 
@@ -40,7 +42,9 @@ class ProxyRequest:
     route: str
     body: dict[str, Any]
     model: str
+    features: RequestFeatures
     stream: bool = False
+    policy: str | None = None  # None: the configured default
 
     @property
     def client_wants_usage(self) -> bool:
@@ -79,7 +83,11 @@ class Proxy:
 
         if request.stream:
             relay = StreamRelay(self, request, record, node, stack, upstream, started)
-            headers = {**_STREAM_HEADERS, "x-sollol-node": node.name}
+            headers = {
+                **_STREAM_HEADERS,
+                "x-sollol-node": node.name,
+                "x-sollol-policy": record.policy or "",
+            }
             return RelayResponse(relay, headers=headers)
 
         try:
@@ -87,7 +95,7 @@ class Proxy:
                 body = await upstream.read()
         except UpstreamConnectionError as exc:
             record.status, record.outcome, record.error = 502, "error", str(exc)[:512]
-            self._finish(record, started)
+            self._finish(record, started, node)
             error = UpstreamError(f"node {node.name} failed while replying: {exc}")
             error.recorded = True
             raise error from exc
@@ -98,10 +106,9 @@ class Proxy:
         finally:
             self.cluster.release(node)
         content = self._rewrite_reply(body, request, record)
-        self._finish(record, started)
-        return Response(
-            content, media_type="application/json", headers={"x-sollol-node": node.name}
-        )
+        self._finish(record, started, node, request)
+        headers = {"x-sollol-node": node.name, "x-sollol-policy": record.policy or ""}
+        return Response(content, media_type="application/json", headers=headers)
 
     async def _open(
         self, request: ProxyRequest, record: RequestRecord
@@ -117,12 +124,17 @@ class Proxy:
         tried: set[int] = set()
         last_error: SollolError | None = None
         for _ in range(max(1, self.settings.max_attempts)):
-            node = self.cluster.choose(request.model, frozenset(tried))
-            if node is None:
+            decision = self.cluster.choose(
+                request.model, request.features, request.policy, frozenset(tried)
+            )
+            if decision is None:
                 break
+            node = self.cluster.nodes[decision.node]
             tried.add(node.index)
             record.attempts += 1
             record.node = node.name
+            record.policy = decision.policy
+            record.scores = self._explain(decision)
             self.cluster.acquire(node)
             stack = AsyncExitStack()
             try:
@@ -138,6 +150,7 @@ class Proxy:
             except UpstreamConnectionError as exc:
                 await stack.aclose()
                 self.cluster.release(node)
+                self.cluster.signals.observe(node.index, ok=False)
                 if exc.connect_failed:
                     # Only a node that cannot be connected to leaves rotation;
                     # a connection that broke in use may be a one-off.
@@ -151,6 +164,7 @@ class Proxy:
                 raise
             self.cluster.release(node)
             error = upstream_error_from_reply(upstream.status, error_body, node.name)
+            self.cluster.signals.observe(node.index, ok=upstream.status < 500)
             if upstream.status < 500:
                 error.headers["x-sollol-node"] = node.name
                 raise error
@@ -163,6 +177,18 @@ class Proxy:
             f"no healthy node is serving model '{request.model}' right now",
             retry_after_s=self.settings.retry_after_s,
         )
+
+    def _observe(self, node: Node, record: RequestRecord) -> None:
+        ok = record.outcome == "ok" and record.status < 500
+        ttft_ms = record.ttft_ms if record.ttft_ms is not None else record.node_ttft_ms
+        self.cluster.signals.observe(
+            node.index, ok=ok, ttft_ms=ttft_ms, decode_tps=_decode_tokens_per_s(record)
+        )
+
+    def _explain(self, decision: Decision) -> str:
+        """Return the candidates' scores as compact JSON for the history row."""
+        names = [self.cluster.nodes[index].name for index in decision.candidates]
+        return orjson.dumps(dict(zip(names, decision.scores, strict=True))).decode()
 
     def _upstream_payload(self, request: ProxyRequest) -> bytes:
         body = request.body
@@ -189,8 +215,18 @@ class Proxy:
             reply["model"] = request.model
         return orjson.dumps(reply)
 
-    def _finish(self, record: RequestRecord, started: float) -> None:
+    def _finish(
+        self,
+        record: RequestRecord,
+        started: float,
+        node: Node | None = None,
+        request: ProxyRequest | None = None,
+    ) -> None:
         record.latency_ms = (time.perf_counter() - started) * 1000.0
+        if node is not None and record.outcome != "cancelled":
+            self._observe(node, record)
+            if record.outcome == "ok" and request is not None:
+                self.cluster.engine.remember_prefix(request.features, node.index)
         self.history.record(record)
         access_log.info(
             "%s model=%s node=%s status=%d outcome=%s attempts=%d latency_ms=%.1f "
@@ -301,7 +337,7 @@ class StreamRelay:
             await self._stack.aclose()
         finally:
             self._proxy.cluster.release(self._node)
-            self._proxy._finish(self._record, self._started)
+            self._proxy._finish(self._record, self._started, self._node, self._request)
 
 
 class RelayResponse(StreamingResponse):
@@ -318,6 +354,15 @@ class RelayResponse(StreamingResponse):
             await self._relay.close()
 
 
+def _decode_tokens_per_s(record: RequestRecord) -> float | None:
+    if record.node_decode_tps is not None:
+        return record.node_decode_tps
+    if not record.completion_tokens or record.ttft_ms is None:
+        return None
+    decode_ms = record.latency_ms - record.ttft_ms
+    return record.completion_tokens / decode_ms * 1000.0 if decode_ms > 0 else None
+
+
 def _pools_connections(node: Node) -> bool:
     """Return whether requests to ``node`` may reuse pooled keep-alive connections.
 
@@ -332,6 +377,15 @@ def _pools_connections(node: Node) -> bool:
 
 
 def _read_usage(reply: dict[str, Any], record: RequestRecord) -> None:
+    """Copy token counts, and llama-server's timings when present, into ``record``."""
+    timings = reply.get("timings")
+    if isinstance(timings, dict):
+        prompt_ms = timings.get("prompt_ms")
+        decode_tps = timings.get("predicted_per_second")
+        if isinstance(prompt_ms, int | float):
+            record.node_ttft_ms = float(prompt_ms)
+        if isinstance(decode_tps, int | float):
+            record.node_decode_tps = float(decode_tps)
     usage = reply.get("usage")
     if isinstance(usage, dict):
         prompt_tokens = usage.get("prompt_tokens")

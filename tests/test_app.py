@@ -136,7 +136,8 @@ async def test_unreachable_node_is_502_and_marked_unhealthy(app_client):
     assert response.status_code == 502
     assert "could not be reached" in error_of(response)["message"]
     assert not app_client.app.state.cluster.nodes[0].healthy
-    assert app_client.app.state.cluster.in_flight.tolist() == [0, 0]
+    signals = app_client.app.state.cluster.signals
+    assert [signals.in_flight(index) for index in range(2)] == [0, 0]
 
 
 async def test_models_lists_only_healthy_nodes(app_client):

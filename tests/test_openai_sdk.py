@@ -1,6 +1,7 @@
 """The OpenAI Python SDK through a Hypercorn-served router to two real llama-server nodes."""
 
 import base64
+import itertools
 import sqlite3
 import time
 
@@ -67,14 +68,37 @@ def test_chat_reply_names_requested_model(client):
     assert reply.usage.completion_tokens == 8
 
 
-def test_both_nodes_serve_requests(client):
-    served_by = set()
-    for _ in range(8):
+def served_by(client, policy, count):
+    nodes = []
+    for _ in range(count):
         raw = client.chat.completions.with_raw_response.create(
-            model="tiny", messages=MESSAGES, max_tokens=2, **FULL_LENGTH
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=2,
+            extra_headers={"x-sollol-policy": policy},
+            **FULL_LENGTH,
         )
-        served_by.add(raw.headers["x-sollol-node"])
-    assert served_by == {"node-a", "node-b"}
+        assert raw.headers["x-sollol-policy"] == policy
+        nodes.append(raw.headers["x-sollol-node"])
+    return nodes
+
+
+def test_both_nodes_serve_requests(client):
+    # Sequential requests leave both nodes idle, so ties rotate between them.
+    assert set(served_by(client, "least_loaded", 8)) == {"node-a", "node-b"}
+
+
+def test_round_robin_alternates(client):
+    nodes = served_by(client, "round_robin", 6)
+    assert all(first != second for first, second in itertools.pairwise(nodes))
+
+
+def test_unknown_policy_header_is_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, extra_headers={"x-sollol-policy": "fastest"}
+        )
+    assert caught.value.param == "x-sollol-policy"
 
 
 def test_stream_deltas_equal_direct_node_output(client, llama_nodes):
