@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 from .routing.layout import POLICY_IDS
 
-
 DEFAULT_ROUTING_POLICY = "predicted_latency"
 
 
