@@ -169,3 +169,94 @@ async def test_wrong_method_is_405_in_openai_shape(app_client):
     response = await app_client.get("/v1/chat/completions")
     assert response.status_code == 405
     error_of(response)
+
+
+def set_signal(app, name: str, column: int, value: float) -> None:
+    cluster = app.state.cluster
+    index = next(node.index for node in cluster.nodes if node.name == name)
+    cluster.signals.matrix[index, column] = value
+
+
+@pytest_asyncio.fixture
+async def two_node_client(tmp_path, refused_url):
+    nodes = (
+        NodeConfig(url=refused_url, kind=NodeKind.LLAMACPP, name="slow", models=("tiny",)),
+        NodeConfig(url="http://127.0.0.3:9", kind=NodeKind.LLAMACPP, name="fast", models=("tiny",)),
+    )
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'history.db'}", nodes=nodes)
+    app = create_app(settings, probe_nodes=False)
+    async with app.router.lifespan_context(app):
+        mark_healthy(app, "slow")
+        mark_healthy(app, "fast")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+async def test_route_explains_choice(two_node_client):
+    from sollol.routing.layout import COL_DECODE_TPS, COL_TTFT_MS
+
+    set_signal(two_node_client.app, "slow", COL_DECODE_TPS, 5.0)
+    set_signal(two_node_client.app, "fast", COL_DECODE_TPS, 80.0)
+    set_signal(two_node_client.app, "fast", COL_TTFT_MS, 50.0)
+    response = await two_node_client.get("/sollol/route", params={"model": "tiny"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["policy"] == "predicted_latency"
+    assert body["chosen"] == "fast"
+    scores = {entry["node"]: entry["score"] for entry in body["candidates"]}
+    assert scores["fast"] < scores["slow"]
+    fast = next(entry for entry in body["candidates"] if entry["node"] == "fast")
+    assert fast["signals"]["decode_tokens_per_s"] == 80.0
+
+
+async def test_route_with_other_policy(two_node_client):
+    response = await two_node_client.get(
+        "/sollol/route", params={"model": "tiny", "policy": "sollol_heuristic"}
+    )
+    assert response.json()["policy"] == "sollol_heuristic"
+
+
+async def test_route_skips_unhealthy_node(two_node_client):
+    cluster = two_node_client.app.state.cluster
+    cluster.mark_unreachable(cluster.nodes[1], "test")
+    body = (await two_node_client.get("/sollol/route", params={"model": "tiny"})).json()
+    assert body["chosen"] == "slow"
+    assert [entry["node"] for entry in body["candidates"]] == ["slow"]
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({}, "model"),
+        ({"model": "tiny", "policy": "fastest"}, "x-sollol-policy"),
+        ({"model": "tiny", "task": "rerank"}, "task"),
+        ({"model": "tiny", "max_tokens": "lots"}, "max_tokens"),
+        ({"model": "tiny", "priority": "11"}, "priority"),
+    ],
+)
+async def test_route_rejects_bad_query(two_node_client, params, param):
+    response = await two_node_client.get("/sollol/route", params=params)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param
+
+
+async def test_route_unknown_model_is_404(two_node_client):
+    response = await two_node_client.get("/sollol/route", params={"model": "nope"})
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ({**CHAT, "priority": 0}, {}),
+        ({**CHAT, "priority": "high"}, {}),
+        ({**CHAT, "priority": True}, {}),
+        (CHAT, {"x-sollol-priority": "12"}),
+        (CHAT, {"x-sollol-policy": "random"}),
+    ],
+)
+async def test_bad_priority_or_policy_is_400(two_node_client, body, headers):
+    response = await two_node_client.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 400

@@ -83,3 +83,12 @@ def test_unknown_model_not_forwarded(client, double):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="llama3.2", messages=MESSAGES)
     assert len(double.requests) == before
+
+
+def test_priority_field_not_forwarded(client, double):
+    client.chat.completions.create(
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=2, extra_body={"priority": 9}
+    )
+    path, body = double.requests[-1]
+    assert path == "/v1/chat/completions"
+    assert "priority" not in body

@@ -2,6 +2,7 @@
 
 import base64
 import itertools
+import json
 import sqlite3
 import time
 
@@ -307,3 +308,44 @@ def test_node_error_keeps_status_and_names_node(router):
     assert response.status_code == 400
     assert response.headers["x-sollol-node"] in {"node-a", "node-b"}
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_live_signals_from_llama_server(client, router):
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, **FULL_LENGTH)
+    deadline = time.monotonic() + 5
+    nodes = []
+    while time.monotonic() < deadline:
+        nodes = httpx.get(router.base_url + "/health").json()["nodes"]
+        if all(node["slots_total"] for node in nodes):
+            break
+        time.sleep(0.2)
+    # Both nodes run with -np 2, which the router reads from /props.
+    assert [node["slots_total"] for node in nodes] == [2, 2]
+    assert any(node["ttft_ms"] is not None for node in nodes)
+    assert any(node["decode_tokens_per_s"] for node in nodes)
+
+
+def test_history_records_policy_and_scores(client, router):
+    time.sleep(1.0)  # let rows of earlier tests reach the database first
+    first_id = last_history_id(router.database_path) + 1
+    client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=2,
+        extra_headers={"x-sollol-policy": "sollol_heuristic"},
+        **FULL_LENGTH,
+    )
+    row = None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and row is None:
+        with sqlite3.connect(router.database_path) as connection:
+            row = connection.execute(
+                "SELECT policy, scores, node FROM requests WHERE id >= ?", (first_id,)
+            ).fetchone()
+        time.sleep(0.1)
+    assert row is not None
+    policy, scores, node = row
+    assert policy == "sollol_heuristic"
+    parsed = json.loads(scores)
+    assert set(parsed) == {"node-a", "node-b"}
+    assert parsed[node] == min(parsed.values())
