@@ -18,6 +18,7 @@ from .errors import SollolError, openai_error_body
 from .history import HistoryWriter, create_history_engine
 from .openai_api import OpenAIRoutes
 from .proxy import Proxy
+from .routing.scheduler import Scheduler
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,14 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     health loop, so tests can set node state by hand.
     """
     cluster = Cluster(settings.nodes, default_policy=settings.routing_policy)
+    scheduler = Scheduler(
+        signals=cluster.signals.matrix,
+        candidates_of=cluster.candidates_of,
+        max_queued_per_model=settings.max_queued_per_model,
+        aging_s=settings.queue_aging_s,
+        timeout_s=settings.queue_timeout_s,
+    )
+    cluster.on_capacity = scheduler.wake  # type: ignore[method-assign]
     client = UpstreamClient(
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
@@ -40,7 +49,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     )
     history = HistoryWriter(create_history_engine(settings.database_url))
     proxy = Proxy(cluster=cluster, client=client, history=history, settings=settings)
-    openai_routes = OpenAIRoutes(proxy, max_body_bytes=settings.max_body_bytes)
+    openai_routes = OpenAIRoutes(proxy, scheduler, max_body_bytes=settings.max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -82,7 +91,11 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             for node in cluster.nodes
         ]
         healthy = any(node.healthy for node in cluster.nodes)
-        body = {"status": "ok" if healthy else "unavailable", "nodes": nodes}
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "queued": scheduler.queued(),
+            "nodes": nodes,
+        }
         return Response(
             orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json"
         )
@@ -103,6 +116,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     app.state.cluster = cluster
     app.state.history = history
     app.state.client = client
+    app.state.scheduler = scheduler
     return app
 
 

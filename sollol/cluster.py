@@ -94,6 +94,14 @@ class Cluster:
     def release(self, node: Node) -> None:
         self.signals.release(node.index)
         node.served_total += 1
+        self.on_capacity()
+
+    def candidates_of(self, model: str) -> np.ndarray:
+        """Return the indices of the healthy nodes that serve ``model``."""
+        return self._candidates.get(model, _EMPTY)
+
+    def on_capacity(self) -> None:
+        """Called when a slot may have become free; the scheduler replaces it."""
 
     def healthy_models(self) -> list[str]:
         models: set[str] = set()
@@ -192,6 +200,7 @@ class Cluster:
         self._candidates = {
             model: np.asarray(indices, dtype=np.int64) for model, indices in by_model.items()
         }
+        self.on_capacity()
 
 
 async def _probe_node(

@@ -79,6 +79,11 @@ class Settings:
     max_upstream_connections: int = 256
     # round_robin | least_loaded | sollol_heuristic | predicted_latency
     routing_policy: str = DEFAULT_ROUTING_POLICY
+    # Requests wait in a per-model queue while every node serving the model
+    # has all its slots in use.
+    max_queued_per_model: int = 256
+    queue_aging_s: float = 10.0  # waiting this long raises a request's priority by 1
+    queue_timeout_s: float = 120.0
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
 
 

@@ -5,6 +5,8 @@
     ├── ModelNotFoundError           404, no configured node serves the model
     ├── PayloadTooLargeError         413, body over ``max_body_bytes``
     ├── NoNodeAvailableError         503, the model is known but no node can take it now
+    ├── QueueFullError               429, the model's wait queue is at its bound
+    ├── ClientClosedError            499, the client left while its request waited
     └── UpstreamError                an upstream node failed or answered with an error
 
 One Starlette exception handler turns any of them into
@@ -75,6 +77,21 @@ class NoNodeAvailableError(SollolError):
         super().__init__(
             message, code="no_node_available", headers={"Retry-After": str(retry_after_s)}
         )
+
+
+class QueueFullError(SollolError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, code="queue_full", headers={"Retry-After": str(retry_after_s)})
+
+
+class ClientClosedError(SollolError):
+    """The client went away before a reply; 499 as in nginx, never seen by the client."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class UpstreamError(SollolError):

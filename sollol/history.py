@@ -49,6 +49,7 @@ requests_table = Table(
     Column("ttft_ms", Float, nullable=True, doc="Time to the first streamed event"),
     Column("latency_ms", Float, nullable=False),
     Column("policy", String(32), nullable=True),
+    Column("queue_ms", Float, nullable=True, doc="Time spent waiting for a free node"),
     Column("scores", Text, nullable=True, doc="JSON object: candidate node -> score (lower wins)"),
 )
 COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
@@ -71,6 +72,7 @@ class RequestRecord:
     latency_ms: float = 0.0
     policy: str | None = None
     scores: str | None = None
+    queue_ms: float | None = None
     # Reported by the node (llama-server's `timings`); feed the routing
     # signals and are not stored.
     node_ttft_ms: float | None = None

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP surface: request checks, then hand-off to the proxy."""
 
+import functools
 import time
 from typing import Any
 
@@ -8,7 +9,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .errors import InvalidRequestError, ModelNotFoundError, PayloadTooLargeError
+from .errors import (
+    ClientClosedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoNodeAvailableError,
+    PayloadTooLargeError,
+)
+from .errors import QueueFullError as ApiQueueFullError
 from .proxy import Proxy, ProxyRequest
 from .routing.features import (
     DEFAULT_MAX_TOKENS,
@@ -18,6 +26,7 @@ from .routing.features import (
     parse_priority,
 )
 from .routing.layout import POLICY_IDS
+from .routing.scheduler import ClientGoneError, QueueFullError, QueueTimeoutError, Scheduler
 
 
 async def read_json_body(request: Request, max_body_bytes: int) -> dict[str, Any]:
@@ -153,9 +162,22 @@ def _read_number(params: Any, name: str, default: float) -> float:
     return value
 
 
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection.
+
+    Only for use after the body has been read: further ASGI messages can only
+    be the disconnect.
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 class OpenAIRoutes:
-    def __init__(self, proxy: Proxy, *, max_body_bytes: int) -> None:
+    def __init__(self, proxy: Proxy, scheduler: Scheduler, *, max_body_bytes: int) -> None:
         self._proxy = proxy
+        self._scheduler = scheduler
         self._max_body_bytes = max_body_bytes
         self._created = int(time.time())
 
@@ -209,6 +231,7 @@ class OpenAIRoutes:
         if not self._proxy.cluster.knows_model(model):
             raise ModelNotFoundError(model)
         features = estimate_features(task, body, priority)
+        queue_ms = await self._wait_for_node(request, model, priority)
         return await self._proxy.forward(
             ProxyRequest(
                 route=route,
@@ -217,8 +240,30 @@ class OpenAIRoutes:
                 features=features,
                 stream=stream,
                 policy=policy,
+                queue_ms=queue_ms,
             )
         )
+
+    async def _wait_for_node(self, request: Request, model: str, priority: int) -> float:
+        settings = self._proxy.settings
+        try:
+            return await self._scheduler.admit(
+                model, priority, functools.partial(_disconnected, request)
+            )
+        except QueueFullError:
+            raise ApiQueueFullError(
+                f"too many requests are waiting for model '{model}' "
+                f"(max_queued_per_model={self._scheduler.max_queued_per_model}); retry later",
+                retry_after_s=settings.retry_after_s,
+            ) from None
+        except QueueTimeoutError:
+            raise NoNodeAvailableError(
+                f"no node serving model '{model}' became free within "
+                f"{self._scheduler.timeout_s:.0f} s (queue_timeout_s)",
+                retry_after_s=settings.retry_after_s,
+            ) from None
+        except ClientGoneError:
+            raise ClientClosedError("the client disconnected while its request waited") from None
 
     async def explain_route(self, request: Request) -> Response:
         """Show which node the router would choose now, and every candidate's score.

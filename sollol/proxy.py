@@ -45,6 +45,7 @@ class ProxyRequest:
     features: RequestFeatures
     stream: bool = False
     policy: str | None = None  # None: the configured default
+    queue_ms: float = 0.0
 
     @property
     def client_wants_usage(self) -> bool:
@@ -68,7 +69,11 @@ class Proxy:
 
     async def forward(self, request: ProxyRequest) -> Response:
         record = RequestRecord(
-            started_at=time.time(), route=request.route, model=request.model, stream=request.stream
+            started_at=time.time(),
+            route=request.route,
+            model=request.model,
+            stream=request.stream,
+            queue_ms=request.queue_ms,
         )
         started = time.perf_counter()
         try:

@@ -260,3 +260,24 @@ async def test_route_unknown_model_is_404(two_node_client):
 async def test_bad_priority_or_policy_is_400(two_node_client, body, headers):
     response = await two_node_client.post("/v1/chat/completions", json=body, headers=headers)
     assert response.status_code == 400
+
+
+async def test_full_queue_is_429(tmp_path, refused_url):
+    from sollol.routing.layout import COL_IN_FLIGHT, COL_SLOTS_TOTAL
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        max_queued_per_model=0,
+        nodes=(NodeConfig(url=refused_url, kind=NodeKind.LLAMACPP, name="busy", models=("tiny",)),),
+    )
+    app = create_app(settings, probe_nodes=False)
+    async with app.router.lifespan_context(app):
+        mark_healthy(app, "busy")
+        app.state.cluster.signals.matrix[0, COL_SLOTS_TOTAL] = 1
+        app.state.cluster.signals.matrix[0, COL_IN_FLIGHT] = 1
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert error_of(response)["code"] == "queue_full"
