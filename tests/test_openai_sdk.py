@@ -1,5 +1,6 @@
 """The OpenAI Python SDK through a Hypercorn-served router to two real llama-server nodes."""
 
+import asyncio
 import base64
 import itertools
 import json
@@ -349,3 +350,43 @@ def test_history_records_policy_and_scores(client, router):
     parsed = json.loads(scores)
     assert set(parsed) == {"node-a", "node-b"}
     assert parsed[node] == min(parsed.values())
+
+
+async def test_request_waits_while_every_slot_is_busy(router):
+    long_body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 800,
+        "ignore_eos": True,
+    }
+    least_loaded = {"x-sollol-policy": "least_loaded"}
+    async with httpx.AsyncClient(base_url=router.base_url, timeout=60) as http:
+
+        async def health():
+            return (await http.get("/health")).json()
+
+        # Two nodes with 2 slots each: four long requests fill every slot.
+        blockers = [
+            asyncio.create_task(
+                http.post("/v1/chat/completions", json=long_body, headers=least_loaded)
+            )
+            for _ in range(4)
+        ]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sum(node["in_flight"] for node in (await health())["nodes"]) == 4:
+                break
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(
+            http.post(
+                "/v1/chat/completions",
+                json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "priority": 9},
+            )
+        )
+        queued_seen = 0
+        while not waiting.done() and time.monotonic() < deadline:
+            queued_seen = max(queued_seen, (await health())["queued"])
+            await asyncio.sleep(0.01)
+        replies = await asyncio.gather(*blockers, waiting)
+    assert [reply.status_code for reply in replies] == [200] * 5
+    assert queued_seen == 1
