@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP surface: request checks, then hand-off to the proxy."""
 
 import functools
+import math
 import time
 from typing import Any
 
@@ -292,11 +293,11 @@ class OpenAIRoutes:
         decision = cluster.choose(model, features, policy)
         candidates = []
         if decision is not None:
-            for index, score in zip(decision.candidates, decision.scores, strict=True):
+            for index, score in decision.best(len(decision.candidates)):
                 candidates.append(
                     {
                         "node": cluster.nodes[index].name,
-                        "score": score if score != float("inf") else None,
+                        "score": score if math.isfinite(score) else None,
                         "signals": cluster.signals.row(index),
                     }
                 )

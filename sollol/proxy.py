@@ -6,6 +6,7 @@ for the history. Streams are relayed event by event as they arrive.
 """
 
 import logging
+import math
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sollol.access")
 
 _DONE_EVENT = b"data: [DONE]\n\n"
+# The history keeps the scores of this many best candidates per request.
+MAX_EXPLAINED_CANDIDATES = 8
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -191,9 +194,11 @@ class Proxy:
         )
 
     def _explain(self, decision: Decision) -> str:
-        """Return the candidates' scores as compact JSON for the history row."""
-        names = [self.cluster.nodes[index].name for index in decision.candidates]
-        return orjson.dumps(dict(zip(names, decision.scores, strict=True))).decode()
+        """Return the best candidates' scores as compact JSON for the history row."""
+        best = decision.best(MAX_EXPLAINED_CANDIDATES)
+        scores = {self.cluster.nodes[index].name: score for index, score in best}
+        # JSON has no infinity; a null score means "not eligible".
+        return orjson.dumps({name: _finite(score) for name, score in scores.items()}).decode()
 
     def _upstream_payload(self, request: ProxyRequest) -> bytes:
         body = request.body
@@ -357,6 +362,10 @@ class RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._relay.close()
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _decode_tokens_per_s(record: RequestRecord) -> float | None:

@@ -103,8 +103,13 @@ class NodeSignals:
 class Decision:
     node: int
     policy: str
-    candidates: list[int]
-    scores: list[float]
+    candidates: np.ndarray  # node indices, int64
+    scores: np.ndarray  # cost of each candidate, lower wins, +inf for ineligible
+
+    def best(self, count: int) -> list[tuple[int, float]]:
+        """Return up to ``count`` (node, score) pairs, lowest score first."""
+        order = np.argsort(self.scores, kind="stable")[:count]
+        return [(int(self.candidates[i]), float(self.scores[i])) for i in order]
 
 
 class RoutingEngine:
@@ -153,12 +158,11 @@ class RoutingEngine:
         )
         if node < 0:
             return None
-        count = len(candidates)
         return Decision(
             node=node,
             policy=policy,
-            candidates=candidates.tolist(),
-            scores=self._scores[:count].tolist(),
+            candidates=candidates,
+            scores=self._scores[: len(candidates)].copy(),
         )
 
     def remember_prefix(self, features: RequestFeatures, node: int) -> None:
