@@ -66,6 +66,9 @@ class Cluster:
         # Per model, 1 where a node reports the model loaded in memory, 0 where
         # it reports it not loaded, NaN where the node does not say.
         self._loaded: dict[str, np.ndarray] = {}
+        # Per model, 0 where the model is larger than the node's configured
+        # memory, 1 where it fits, NaN where either size is unknown.
+        self._fits: dict[str, np.ndarray] = {}
 
     # -- request path ----------------------------------------------------
 
@@ -85,7 +88,11 @@ class Cluster:
         if exclude:
             candidates = candidates[~np.isin(candidates, list(exclude))]
         return self.engine.decide(
-            candidates, features, policy, model_loaded=self._loaded.get(model)
+            candidates,
+            features,
+            policy,
+            model_loaded=self._loaded.get(model),
+            model_fits=self._fits.get(model),
         )
 
     def acquire(self, node: Node) -> None:
@@ -161,14 +168,17 @@ class Cluster:
         """
         try:
             if node.kind is NodeKind.LLAMACPP:
-                slots, busy = await _llama_slots(client, node, timeout_s)
-                self.signals.set_slots(node.index, slots)
+                load = await _llama_load(client, node, timeout_s)
+                self.signals.set_slots(node.index, load.total_slots)
                 # Busy slots beyond the router's own requests are load from
-                # other clients of the same node.
-                if busy is not None:
-                    others = max(0, busy - self.signals.in_flight(node.index))
-                    self.signals.set_queue_depth(node.index, float(others))
+                # other clients of the same node; deferred requests wait there.
+                if load.busy_slots is not None:
+                    others = max(0, load.busy_slots - self.signals.in_flight(node.index))
+                    self.signals.set_queue_depth(node.index, float(others + load.deferred))
                 self._set_loaded(node, node.models)
+                if node.config.memory_bytes is not None:
+                    sizes = await _model_sizes(client, node, timeout_s, "/v1/models")
+                    self._set_fits(node, sizes)
             elif node.kind is NodeKind.OLLAMA:
                 status, body = await client.get(node.url + "/api/ps", timeout_s=timeout_s)
                 if status == 200 and isinstance(body, dict):
@@ -178,8 +188,21 @@ class Cluster:
                         if isinstance(entry, dict)
                     }
                     self._set_loaded(node, {name for name in loaded if isinstance(name, str)})
+                if node.config.memory_bytes is not None:
+                    sizes = await _model_sizes(client, node, timeout_s, "/api/tags")
+                    self._set_fits(node, sizes)
         except UpstreamConnectionError as exc:
             log.debug("reading load signals of node %s failed: %s", node.name, exc)
+
+    def _set_fits(self, node: Node, sizes: dict[str, int]) -> None:
+        """Mark which of the node's models fit in its configured memory."""
+        memory = node.config.memory_bytes
+        for model, size in sizes.items():
+            row = self._fits.get(model)
+            if row is None:
+                row = np.full(len(self.nodes), np.nan)
+                self._fits[model] = row
+            row[node.index] = 1.0 if memory is None or size <= memory else 0.0
 
     def _set_loaded(self, node: Node, loaded: set[str] | frozenset[str]) -> None:
         for model in node.models | set(loaded):
@@ -245,15 +268,60 @@ async def _probe_node(
     return True, [name for name in names if isinstance(name, str) and name], "ok"
 
 
-async def _llama_slots(
-    client: UpstreamClient, node: Node, timeout_s: float
-) -> tuple[int | None, int | None]:
-    """Return llama-server's (total slots, busy slots), None where it does not say."""
+@dataclass(frozen=True, slots=True)
+class _LlamaLoad:
+    total_slots: int | None = None
+    busy_slots: int | None = None
+    deferred: int = 0
+
+
+async def _llama_load(client: UpstreamClient, node: Node, timeout_s: float) -> _LlamaLoad:
+    """Read llama-server's slots (/props, /slots) and, when enabled, its /metrics queue."""
     total = busy = None
+    deferred = 0
     status, props = await client.get(node.url + "/props", timeout_s=timeout_s, pooled=False)
-    if status == 200 and isinstance(props, dict) and isinstance(props.get("total_slots"), int):
-        total = props["total_slots"]
+    if status == 200 and isinstance(props, dict):
+        if isinstance(props.get("total_slots"), int):
+            total = props["total_slots"]
+        if props.get("endpoint_metrics") is True:
+            deferred = await _llama_deferred(client, node, timeout_s)
     status, slots = await client.get(node.url + "/slots", timeout_s=timeout_s, pooled=False)
     if status == 200 and isinstance(slots, list):
         busy = sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing"))
-    return total, busy
+    return _LlamaLoad(total, busy, deferred)
+
+
+async def _llama_deferred(client: UpstreamClient, node: Node, timeout_s: float) -> int:
+    """Return the ``llamacpp:requests_deferred`` gauge of a node started with --metrics."""
+    status, text = await client.get_text(node.url + "/metrics", timeout_s=timeout_s)
+    if status != 200:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("llamacpp:requests_deferred "):
+            try:
+                return max(0, int(float(line.split()[1])))
+            except ValueError:
+                return 0
+    return 0
+
+
+async def _model_sizes(
+    client: UpstreamClient, node: Node, timeout_s: float, path: str
+) -> dict[str, int]:
+    """Return model sizes in bytes from /api/tags (Ollama) or /v1/models meta (llama-server)."""
+    pooled = node.kind is not NodeKind.LLAMACPP
+    status, body = await client.get(node.url + path, timeout_s=timeout_s, pooled=pooled)
+    if status != 200 or not isinstance(body, dict):
+        return {}
+    sizes = {}
+    if path == "/api/tags":
+        for entry in body.get("models") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("size"), int):
+                sizes[str(entry.get("name"))] = entry["size"]
+    else:
+        for entry in body.get("data") or []:
+            meta = entry.get("meta") if isinstance(entry, dict) else None
+            if isinstance(meta, dict) and isinstance(meta.get("size"), int):
+                for name in node.models or {entry.get("id")}:
+                    sizes[str(name)] = meta["size"]
+    return sizes

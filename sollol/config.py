@@ -46,6 +46,8 @@ class NodeConfig:
     name: str = ""
     models: tuple[str, ...] = ()
     gpu: bool = False
+    # Memory available for models, in bytes; larger models are not sent here.
+    memory_bytes: int | None = None
     # Relative cost of sending work to this node (energy, price); 1 is neutral.
     cost_weight: float = 1.0
 
@@ -169,7 +171,8 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
         where = f"{source} [[nodes]] #{position + 1}"
         if not isinstance(table, dict) or "url" not in table:
             raise ConfigError(f"{where}: missing url")
-        unknown = sorted(set(table) - {"url", "kind", "name", "models", "gpu", "cost_weight"})
+        known_keys = {"url", "kind", "name", "models", "gpu", "memory_bytes", "cost_weight"}
+        unknown = sorted(set(table) - known_keys)
         if unknown:
             raise ConfigError(f"{where}: unknown keys: {', '.join(unknown)}")
         models = table.get("models", [])
@@ -178,6 +181,11 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
         gpu = table.get("gpu", False)
         if not isinstance(gpu, bool):
             raise ConfigError(f"{where}: gpu must be true or false")
+        memory_bytes = table.get("memory_bytes")
+        if memory_bytes is not None and (
+            isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0
+        ):
+            raise ConfigError(f"{where}: memory_bytes must be a positive integer")
         cost_weight = table.get("cost_weight", 1.0)
         if isinstance(cost_weight, bool) or not isinstance(cost_weight, int | float):
             raise ConfigError(f"{where}: cost_weight must be a number")
@@ -191,6 +199,7 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
                     name=str(table.get("name", "")),
                     models=tuple(models),
                     gpu=gpu,
+                    memory_bytes=memory_bytes,
                     cost_weight=float(cost_weight),
                 )
             )

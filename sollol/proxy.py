@@ -182,7 +182,8 @@ class Proxy:
         if last_error is not None:
             raise last_error
         raise NoNodeAvailableError(
-            f"no healthy node is serving model '{request.model}' right now",
+            f"no node can serve model '{request.model}' right now: every node serving it is "
+            "unhealthy or lacks memory for it; GET /health shows their state",
             retry_after_s=self.settings.retry_after_s,
         )
 

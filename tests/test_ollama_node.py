@@ -92,3 +92,42 @@ def test_priority_field_not_forwarded(client, double):
     path, body = double.requests[-1]
     assert path == "/v1/chat/completions"
     assert "priority" not in body
+
+
+@pytest.fixture(scope="module")
+def memory_router(tmp_path_factory):
+    big = DoubleModel("big:latest", size_bytes=8_000_000_000)
+    doubles = [OllamaDouble(models=[big]).start() for _ in range(2)]
+    workdir = tmp_path_factory.mktemp("memory-router")
+    config = write_router_config(
+        workdir / "sollol.toml",
+        database_path=workdir / "history.db",
+        nodes=[
+            {"name": "small", "kind": "ollama", "url": doubles[0].url, "memory_bytes": 4 << 30},
+            {"name": "large", "kind": "ollama", "url": doubles[1].url, "memory_bytes": 16 << 30},
+        ],
+    )
+    router = RouterProcess(config, workdir / "router.log").start()
+    yield router
+    router.stop()
+    for double in doubles:
+        double.stop()
+
+
+def test_model_larger_than_memory_avoided(memory_router):
+    import httpx
+
+    explained = httpx.get(
+        memory_router.base_url + "/sollol/route", params={"model": "big:latest"}
+    ).json()
+    assert explained["chosen"] == "large"
+    scores = {entry["node"]: entry["score"] for entry in explained["candidates"]}
+    assert scores["small"] is None
+    with openai.OpenAI(
+        base_url=memory_router.base_url + "/v1", api_key="unused", max_retries=0
+    ) as sdk:
+        for _ in range(3):
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="big:latest", messages=MESSAGES, max_tokens=2
+            )
+            assert raw.headers["x-sollol-node"] == "large"

@@ -390,3 +390,42 @@ async def test_request_waits_while_every_slot_is_busy(router):
         replies = await asyncio.gather(*blockers, waiting)
     assert [reply.status_code for reply in replies] == [200] * 5
     assert queued_seen == 1
+
+
+async def test_disconnected_client_leaves_queue(router):
+    long_body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "ignore_eos": True}
+    least_loaded = {"x-sollol-policy": "least_loaded"}
+    async with httpx.AsyncClient(base_url=router.base_url, timeout=60) as http:
+
+        async def health():
+            return (await http.get("/health")).json()
+
+        blockers = [
+            asyncio.create_task(
+                http.post("/v1/chat/completions", json=long_body, headers=least_loaded)
+            )
+            for _ in range(4)
+        ]
+        deadline = time.monotonic() + 10
+        while sum(node["in_flight"] for node in (await health())["nodes"]) < 4:
+            assert time.monotonic() < deadline, "the four long requests never all started"
+            await asyncio.sleep(0.01)
+
+        # This client gives up while its request waits, closing the connection.
+        async with httpx.AsyncClient(base_url=router.base_url, timeout=0.3) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post(
+                    "/v1/chat/completions",
+                    json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2},
+                )
+        queued_after = None
+        while time.monotonic() < deadline:
+            queued_after = (await health())["queued"]
+            if queued_after == 0:
+                break
+            await asyncio.sleep(0.01)
+        still_running = sum(not blocker.done() for blocker in blockers)
+        replies = await asyncio.gather(*blockers)
+    assert queued_after == 0
+    assert still_running > 0, "the queue emptied only because the long requests ended"
+    assert [reply.status_code for reply in replies] == [200] * 4

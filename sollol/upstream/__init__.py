@@ -99,6 +99,16 @@ class UpstreamClient:
         except orjson.JSONDecodeError:
             return status, None
 
+    async def get_text(self, url: str, *, timeout_s: float) -> tuple[int, str]:
+        """GET a URL on a new connection and return (status, body as text)."""
+        try:
+            async with self._session_for(False).get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                return response.status, await response.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamConnectionError(_describe(exc)) from exc
+
     @asynccontextmanager
     async def post(
         self, url: str, body: bytes, *, pooled: bool = True

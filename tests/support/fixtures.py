@@ -140,6 +140,8 @@ def write_router_config(path: Path, *, database_path: Path, nodes: list[dict]) -
         if "models" in node:
             models = ", ".join(f'"{model}"' for model in node["models"])
             lines.append(f"models = [{models}]")
+        if "memory_bytes" in node:
+            lines.append(f"memory_bytes = {node['memory_bytes']}")
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
