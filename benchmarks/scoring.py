@@ -21,6 +21,9 @@ from sollol.routing.layout import (
     COL_IN_FLIGHT,
     COL_SLOTS_TOTAL,
     COL_TTFT_MS,
+    MODEL_COLUMNS,
+    MODEL_FITS,
+    MODEL_LOADED,
     NODE_COLUMNS,
     POLICY_IDS,
     REQ_AFFINITY_NODE,
@@ -37,31 +40,32 @@ def node_state(nodes: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     signals[:, COL_SLOTS_TOTAL] = rng.integers(1, 8, nodes)
     signals[:, COL_TTFT_MS] = rng.uniform(20, 500, nodes)
     signals[:, COL_DECODE_TPS] = rng.uniform(5, 120, nodes)
-    loaded = (rng.random(nodes) > 0.3).astype(np.float64)
-    fits = np.ones(nodes)
+    model_state = np.full((nodes, MODEL_COLUMNS), np.nan)
+    model_state[:, MODEL_LOADED] = (rng.random(nodes) > 0.3).astype(np.float64)
+    model_state[:, MODEL_FITS] = 1.0
     candidates = np.arange(nodes, dtype=np.int64)
     request = np.zeros(REQ_COLUMNS)
     request[REQ_PROMPT_TOKENS] = 500
     request[REQ_MAX_TOKENS] = 128
     request[REQ_AFFINITY_NODE] = -1
-    return signals, loaded, fits, candidates, request
+    return signals, model_state, candidates, request
 
 
 def time_decisions(score_nodes, nodes: int, decisions: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    signals, loaded, fits, candidates, request = node_state(nodes, np.random.default_rng(0))
+    signals, model_state, candidates, request = node_state(nodes, np.random.default_rng(0))
     scores = np.empty(nodes)
     policy = POLICY_IDS["predicted_latency"]
     timings = np.empty(decisions, dtype=np.int64)
     for index in range(decisions):
         began = time.perf_counter_ns()
-        score_nodes(signals, loaded, fits, candidates, request, policy, index, scores)
+        score_nodes(signals, model_state, candidates, request, policy, index, scores)
         timings[index] = time.perf_counter_ns() - began
     return timings / 1000.0
 
 
 def time_engine_decisions(nodes: int, decisions: int) -> np.ndarray:
     """Time RoutingEngine.decide, the whole request-path call around the core."""
-    signals, _, _, candidates, _ = node_state(nodes, np.random.default_rng(0))
+    signals, model_state, candidates, _ = node_state(nodes, np.random.default_rng(0))
     node_signals = NodeSignals(nodes)
     node_signals.matrix[:] = signals
     engine = RoutingEngine(node_signals, default_policy="predicted_latency")
@@ -69,7 +73,7 @@ def time_engine_decisions(nodes: int, decisions: int) -> np.ndarray:
     timings = np.empty(decisions, dtype=np.int64)
     for index in range(decisions):
         began = time.perf_counter_ns()
-        engine.decide(candidates, features)
+        engine.decide(candidates, features, model_state=model_state)
         timings[index] = time.perf_counter_ns() - began
     return timings / 1000.0
 

@@ -21,6 +21,11 @@ cdef enum:
     COL_IS_GPU = 7
     COL_COST_WEIGHT = 8
     NODE_COLUMNS = 9
+    MODEL_LOADED = 0
+    MODEL_FITS = 1
+    MODEL_TTFT_MS = 2
+    MODEL_DECODE_TPS = 3
+    MODEL_COLUMNS = 4
     REQ_PROMPT_TOKENS = 0
     REQ_MAX_TOKENS = 1
     REQ_PRIORITY = 2
@@ -39,6 +44,8 @@ cdef double UNKNOWN_PREFILL_TPS = 200.0
 
 LAYOUT = {
     "NODE_COLUMNS": NODE_COLUMNS,
+    "MODEL_COLUMNS": MODEL_COLUMNS,
+    "MODEL_DECODE_TPS": MODEL_DECODE_TPS,
     "REQ_COLUMNS": REQ_COLUMNS,
     "COL_COST_WEIGHT": COL_COST_WEIGHT,
     "REQ_MODEL_LOAD_MS": REQ_MODEL_LOAD_MS,
@@ -63,14 +70,14 @@ cdef inline double at_most(double value, double ceiling) noexcept nogil:
 
 cdef double node_cost(
     const double[:, ::1] signals,
+    const double[:, ::1] model_state,
     Py_ssize_t node,
-    double loaded,
-    double fits,
     const double[::1] request,
     int policy,
 ) noexcept nogil:
     cdef double in_flight, queued, slots, load, ttft_ms, decode_tps, error_rate
     cdef double cost_weight, affinity_node, prompt_tokens, max_tokens, priority
+    cdef double node_ttft_ms, node_decode_tps
     cdef double latency_penalty, score, prefill_ms, service_ms, waiting, wait_ms, predicted
     cdef bint is_gpu, is_loaded, has_affinity
 
@@ -81,16 +88,18 @@ cdef double node_cost(
     if policy == POLICY_LEAST_LOADED:
         return in_flight + queued
 
-    if known(fits, 1.0) <= 0.0:
+    if known(model_state[node, MODEL_FITS], 1.0) <= 0.0:
         return INFINITY
     slots = at_least(known(signals[node, COL_SLOTS_TOTAL], 1.0), 1.0)
     load = (in_flight + queued) / slots
-    ttft_ms = at_least(known(signals[node, COL_TTFT_MS], UNKNOWN_TTFT_MS), 0.0)
-    decode_tps = at_least(known(signals[node, COL_DECODE_TPS], UNKNOWN_DECODE_TPS), 1e-3)
+    node_ttft_ms = known(signals[node, COL_TTFT_MS], UNKNOWN_TTFT_MS)
+    ttft_ms = at_least(known(model_state[node, MODEL_TTFT_MS], node_ttft_ms), 0.0)
+    node_decode_tps = known(signals[node, COL_DECODE_TPS], UNKNOWN_DECODE_TPS)
+    decode_tps = at_least(known(model_state[node, MODEL_DECODE_TPS], node_decode_tps), 1e-3)
     error_rate = at_most(at_least(known(signals[node, COL_ERROR_RATE], 0.0), 0.0), 1.0)
     is_gpu = known(signals[node, COL_IS_GPU], 0.0) > 0.0
     cost_weight = known(signals[node, COL_COST_WEIGHT], 1.0)
-    is_loaded = known(loaded, 1.0) > 0.0
+    is_loaded = known(model_state[node, MODEL_LOADED], 1.0) > 0.0
     affinity_node = known(request[REQ_AFFINITY_NODE], -1.0)
     has_affinity = <double>node == affinity_node and in_flight < slots
     prompt_tokens = at_least(known(request[REQ_PROMPT_TOKENS], 0.0), 0.0)
@@ -125,8 +134,7 @@ cdef double node_cost(
 
 def score_nodes(
     const double[:, ::1] signals,
-    const double[::1] model_loaded,
-    const double[::1] model_fits,
+    const double[:, ::1] model_state,
     const int64_t[::1] candidates,
     const double[::1] request,
     int policy,
@@ -148,8 +156,8 @@ def score_nodes(
 
     if signals.shape[1] != NODE_COLUMNS:
         raise ValueError(f"signals must have {NODE_COLUMNS} columns, got {signals.shape[1]}")
-    if model_loaded.shape[0] != node_count or model_fits.shape[0] != node_count:
-        raise ValueError("model_loaded and model_fits need one value per node")
+    if model_state.shape[0] != node_count or model_state.shape[1] != MODEL_COLUMNS:
+        raise ValueError(f"model_state must be nodes x {MODEL_COLUMNS}")
     if request.shape[0] != REQ_COLUMNS:
         raise ValueError(f"request must have {REQ_COLUMNS} values, got {request.shape[0]}")
     if scores.shape[0] < n:
@@ -172,9 +180,7 @@ def score_nodes(
             if policy == POLICY_ROUND_ROBIN:
                 cost = <double>k if known(signals[node, COL_HEALTHY], 0.0) > 0.0 else INFINITY
             else:
-                cost = node_cost(
-                    signals, node, model_loaded[node], model_fits[node], request, policy
-                )
+                cost = node_cost(signals, model_state, node, request, policy)
             if cost != cost:
                 cost = INFINITY
             scores[position] = cost

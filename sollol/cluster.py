@@ -17,6 +17,7 @@ import numpy as np
 from .config import NodeConfig, NodeKind
 from .routing.engine import Decision, NodeSignals, RoutingEngine
 from .routing.features import RequestFeatures
+from .routing.layout import MODEL_FITS, MODEL_LOADED
 from .upstream import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,6 @@ class Cluster:
             )
         self.engine = RoutingEngine(self.signals, default_policy=default_policy)
         self._candidates: dict[str, np.ndarray] = {}
-        # Per model, 1 where a node reports the model loaded in memory, 0 where
-        # it reports it not loaded, NaN where the node does not say.
-        self._loaded: dict[str, np.ndarray] = {}
-        # Per model, 0 where the model is larger than the node's configured
-        # memory, 1 where it fits, NaN where either size is unknown.
-        self._fits: dict[str, np.ndarray] = {}
 
     # -- request path ----------------------------------------------------
 
@@ -91,8 +86,7 @@ class Cluster:
             candidates,
             features,
             policy,
-            model_loaded=self._loaded.get(model),
-            model_fits=self._fits.get(model),
+            model_state=self.signals.model_state(model),
         )
 
     def acquire(self, node: Node) -> None:
@@ -198,19 +192,13 @@ class Cluster:
         """Mark which of the node's models fit in its configured memory."""
         memory = node.config.memory_bytes
         for model, size in sizes.items():
-            row = self._fits.get(model)
-            if row is None:
-                row = np.full(len(self.nodes), np.nan)
-                self._fits[model] = row
-            row[node.index] = 1.0 if memory is None or size <= memory else 0.0
+            fits = memory is None or size <= memory
+            self.signals.model_state(model)[node.index, MODEL_FITS] = 1.0 if fits else 0.0
 
     def _set_loaded(self, node: Node, loaded: set[str] | frozenset[str]) -> None:
         for model in node.models | set(loaded):
-            row = self._loaded.get(model)
-            if row is None:
-                row = np.full(len(self.nodes), np.nan)
-                self._loaded[model] = row
-            row[node.index] = 1.0 if model in loaded else 0.0
+            state = self.signals.model_state(model)
+            state[node.index, MODEL_LOADED] = 1.0 if model in loaded else 0.0
 
     def _rebuild_candidates(self) -> None:
         for node in self.nodes:

@@ -191,7 +191,11 @@ class Proxy:
         ok = record.outcome == "ok" and record.status < 500
         ttft_ms = record.ttft_ms if record.ttft_ms is not None else record.node_ttft_ms
         self.cluster.signals.observe(
-            node.index, ok=ok, ttft_ms=ttft_ms, decode_tps=_decode_tokens_per_s(record)
+            node.index,
+            record.model,
+            ok=ok,
+            ttft_ms=ttft_ms,
+            decode_tps=_decode_tokens_per_s(record),
         )
 
     def _explain(self, decision: Decision) -> str:

@@ -18,6 +18,11 @@ from sollol.routing.layout import (
     COL_QUEUE_DEPTH,
     COL_SLOTS_TOTAL,
     COL_TTFT_MS,
+    MODEL_COLUMNS,
+    MODEL_DECODE_TPS,
+    MODEL_FITS,
+    MODEL_LOADED,
+    MODEL_TTFT_MS,
     NODE_COLUMNS,
     POLICY_IDS,
     REQ_AFFINITY_NODE,
@@ -59,8 +64,9 @@ class Cluster:
         self.signals[:, COL_SLOTS_TOTAL] = 2
         self.signals[:, COL_TTFT_MS] = 100
         self.signals[:, COL_DECODE_TPS] = 50
-        self.loaded = np.ones(nodes)
-        self.fits = np.ones(nodes)
+        self.model = np.full((nodes, MODEL_COLUMNS), np.nan)
+        self.model[:, MODEL_LOADED] = 1
+        self.model[:, MODEL_FITS] = 1
         self.request = np.zeros(REQ_COLUMNS)
         self.request[REQ_MAX_TOKENS] = 64
         self.request[REQ_AFFINITY_NODE] = -1
@@ -70,7 +76,7 @@ class Cluster:
     def choose(self, score_nodes, policy: str, start: int = 0) -> int:
         candidates = np.arange(len(self.signals), dtype=np.int64)
         return score_nodes(
-            self.signals, self.loaded, self.fits, candidates, self.request,
+            self.signals, self.model, candidates, self.request,
             POLICY_IDS[policy], start, self.scores,
         )  # fmt: skip
 
@@ -99,7 +105,7 @@ def test_least_loaded_counts_node_queue(score_nodes):
 @pytest.mark.parametrize("policy", SMART)
 def test_loaded_model_preferred(score_nodes, policy):
     cluster = Cluster(2)
-    cluster.loaded[:] = [0, 1]
+    cluster.model[:, MODEL_LOADED] = [0, 1]
     cluster.signals[:, COL_IN_FLIGHT] = [0, 1]
     assert cluster.choose(score_nodes, policy) == 1
 
@@ -107,7 +113,7 @@ def test_loaded_model_preferred(score_nodes, policy):
 @pytest.mark.parametrize("policy", SMART)
 def test_model_that_cannot_fit_is_refused(score_nodes, policy):
     cluster = Cluster(2)
-    cluster.fits[:] = [0, 1]
+    cluster.model[:, MODEL_FITS] = [0, 1]
     cluster.signals[:, COL_IN_FLIGHT] = [0, 5]
     assert cluster.choose(score_nodes, policy) == 1
     assert math.isinf(cluster.scores[0])
@@ -151,6 +157,15 @@ def test_predicted_latency_prefers_faster_decode(score_nodes):
     assert cluster.choose(score_nodes, "predicted_latency") == 1
 
 
+def test_model_average_overrides_node_average(score_nodes):
+    cluster = Cluster(2)
+    # Node 0 is slower overall, but fast for this model.
+    cluster.signals[:, COL_DECODE_TPS] = [10, 50]
+    cluster.model[:, MODEL_DECODE_TPS] = [90, np.nan]
+    cluster.model[:, MODEL_TTFT_MS] = [20, np.nan]
+    assert cluster.choose(score_nodes, "predicted_latency") == 0
+
+
 def test_unmeasured_node_is_not_shunned(score_nodes):
     cluster = Cluster(2)
     cluster.signals[0, COL_TTFT_MS] = np.nan
@@ -169,7 +184,7 @@ def test_all_unhealthy_returns_minus_one(score_nodes, policy):
 def test_empty_candidates(score_nodes):
     cluster = Cluster(2)
     empty = np.zeros(0, dtype=np.int64)
-    args = (cluster.signals, cluster.loaded, cluster.fits, empty, cluster.request)
+    args = (cluster.signals, cluster.model, empty, cluster.request)
     assert score_nodes(*args, POLICY_IDS["predicted_latency"], 0, cluster.scores) == -1
 
 
@@ -179,8 +194,7 @@ def test_bad_candidate_index(score_nodes):
     with pytest.raises(ValueError, match="out of range"):
         score_nodes(
             cluster.signals,
-            cluster.loaded,
-            cluster.fits,
+            cluster.model,
             bad,
             cluster.request,
             3,
@@ -195,8 +209,7 @@ def test_wrong_shapes_rejected(score_nodes):
     with pytest.raises(ValueError, match="columns"):
         score_nodes(
             np.zeros((2, 3)),
-            cluster.loaded,
-            cluster.fits,
+            cluster.model,
             candidates,
             cluster.request,
             3,
@@ -206,8 +219,7 @@ def test_wrong_shapes_rejected(score_nodes):
     with pytest.raises(ValueError, match="request"):
         score_nodes(
             cluster.signals,
-            cluster.loaded,
-            cluster.fits,
+            cluster.model,
             candidates,
             np.zeros(2),
             3,
@@ -217,8 +229,7 @@ def test_wrong_shapes_rejected(score_nodes):
     with pytest.raises((TypeError, ValueError)):
         score_nodes(
             cluster.signals.astype(np.float32),
-            cluster.loaded,
-            cluster.fits,
+            cluster.model,
             candidates,
             cluster.request,
             3,
@@ -237,29 +248,28 @@ floats = st.one_of(
 def scoring_inputs(draw):
     nodes = draw(st.integers(min_value=1, max_value=24))
     signals = draw(hnp.arrays(np.float64, (nodes, NODE_COLUMNS), elements=floats))
-    loaded = draw(hnp.arrays(np.float64, nodes, elements=floats))
-    fits = draw(hnp.arrays(np.float64, nodes, elements=floats))
+    model_state = draw(hnp.arrays(np.float64, (nodes, MODEL_COLUMNS), elements=floats))
     candidates = np.asarray(draw(st.lists(st.integers(0, nodes - 1), max_size=30)), dtype=np.int64)
     request = draw(hnp.arrays(np.float64, REQ_COLUMNS, elements=floats))
     if draw(st.booleans()):
         request[REQ_AFFINITY_NODE] = draw(st.integers(-1, nodes - 1))
     policy = draw(st.sampled_from(sorted(POLICY_IDS.values())))
     start = draw(st.integers(-1000, 1000))
-    return signals, loaded, fits, candidates, request, policy, start
+    return signals, model_state, candidates, request, policy, start
 
 
 @settings(max_examples=400, deadline=None)
 @given(scoring_inputs())
 def test_compiled_and_twin_agree(inputs):
     compiled = _compiled()
-    signals, loaded, fits, candidates, request, policy, start = inputs
+    signals, model_state, candidates, request, policy, start = inputs
     compiled_scores = np.full(len(candidates), -7.0)
     pure_scores = np.full(len(candidates), -7.0)
     chosen = compiled.score_nodes(
-        signals, loaded, fits, candidates, request, policy, start, compiled_scores
+        signals, model_state, candidates, request, policy, start, compiled_scores
     )
     expected = _score_py.score_nodes(
-        signals, loaded, fits, candidates, request, policy, start, pure_scores
+        signals, model_state, candidates, request, policy, start, pure_scores
     )
     assert chosen == expected
     np.testing.assert_array_equal(compiled_scores, pure_scores)

@@ -21,6 +21,11 @@ from .layout import (
     COL_QUEUE_DEPTH,
     COL_SLOTS_TOTAL,
     COL_TTFT_MS,
+    MODEL_COLUMNS,
+    MODEL_DECODE_TPS,
+    MODEL_FITS,
+    MODEL_LOADED,
+    MODEL_TTFT_MS,
     NODE_COLUMNS,
     POLICY_HEURISTIC,
     POLICY_LEAST_LOADED,
@@ -57,7 +62,7 @@ def _at_most(value: float, ceiling: float) -> float:
 
 
 def _node_cost(
-    signals: np.ndarray, node: int, loaded: float, fits: float, request: np.ndarray, policy: int
+    signals: np.ndarray, model_state: np.ndarray, node: int, request: np.ndarray, policy: int
 ) -> float:
     if _known(signals[node, COL_HEALTHY], 0.0) <= 0.0:
         return INF
@@ -66,18 +71,21 @@ def _node_cost(
     if policy == POLICY_LEAST_LOADED:
         return in_flight + queued
 
-    if _known(fits, 1.0) <= 0.0:
+    if _known(model_state[node, MODEL_FITS], 1.0) <= 0.0:
         return INF
     # Clamping keeps every denominator below at or above 1 (or positive), so
     # no input divides by zero, in Python or in C.
     slots = _at_least(_known(signals[node, COL_SLOTS_TOTAL], 1.0), 1.0)
     load = (in_flight + queued) / slots
-    ttft_ms = _at_least(_known(signals[node, COL_TTFT_MS], UNKNOWN_TTFT_MS), 0.0)
-    decode_tps = _at_least(_known(signals[node, COL_DECODE_TPS], UNKNOWN_DECODE_TPS), 1e-3)
+    # This model's own averages on this node win over the node-wide ones.
+    node_ttft_ms = _known(signals[node, COL_TTFT_MS], UNKNOWN_TTFT_MS)
+    ttft_ms = _at_least(_known(model_state[node, MODEL_TTFT_MS], node_ttft_ms), 0.0)
+    node_decode_tps = _known(signals[node, COL_DECODE_TPS], UNKNOWN_DECODE_TPS)
+    decode_tps = _at_least(_known(model_state[node, MODEL_DECODE_TPS], node_decode_tps), 1e-3)
     error_rate = _at_most(_at_least(_known(signals[node, COL_ERROR_RATE], 0.0), 0.0), 1.0)
     is_gpu = _known(signals[node, COL_IS_GPU], 0.0) > 0.0
     cost_weight = _known(signals[node, COL_COST_WEIGHT], 1.0)
-    is_loaded = _known(loaded, 1.0) > 0.0
+    is_loaded = _known(model_state[node, MODEL_LOADED], 1.0) > 0.0
     affinity_node = _known(request[REQ_AFFINITY_NODE], -1.0)
     has_affinity = float(node) == affinity_node and in_flight < slots
     prompt_tokens = _at_least(_known(request[REQ_PROMPT_TOKENS], 0.0), 0.0)
@@ -113,8 +121,7 @@ def _node_cost(
 
 def score_nodes(
     signals: np.ndarray,
-    model_loaded: np.ndarray,
-    model_fits: np.ndarray,
+    model_state: np.ndarray,
     candidates: np.ndarray,
     request: np.ndarray,
     policy: int,
@@ -123,13 +130,13 @@ def score_nodes(
 ) -> int:
     """Score each candidate into ``scores`` and return the best node index, or -1.
 
-    ``signals`` is nodes x NODE_COLUMNS; ``model_loaded`` and ``model_fits``
-    hold one value per node for the requested model (NaN: unknown);
+    ``signals`` is nodes x NODE_COLUMNS; ``model_state`` is nodes x
+    MODEL_COLUMNS for the requested model (NaN: unknown);
     ``request`` is a REQ_COLUMNS vector; ``scores[i]`` receives the cost of
     ``candidates[i]``. Ties, and round-robin, rotate from position ``start``.
     No candidate with a finite cost means -1.
     """
-    _check(signals, model_loaded, model_fits, candidates, request, scores)
+    _check(signals, model_state, candidates, request, scores)
     n = len(candidates)
     if n == 0:
         return -1
@@ -146,7 +153,7 @@ def score_nodes(
         if policy == POLICY_ROUND_ROBIN:
             cost = float(k) if _known(signals[node, COL_HEALTHY], 0.0) > 0.0 else INF
         else:
-            cost = _node_cost(signals, node, model_loaded[node], model_fits[node], request, policy)
+            cost = _node_cost(signals, model_state, node, request, policy)
         if cost != cost:
             cost = INF
         scores[position] = cost
@@ -156,13 +163,12 @@ def score_nodes(
     return best
 
 
-def _check(signals, model_loaded, model_fits, candidates, request, scores) -> None:  # type: ignore[no-untyped-def]
+def _check(signals, model_state, candidates, request, scores) -> None:  # type: ignore[no-untyped-def]
     # The compiled twin takes typed memoryviews, so anything else must fail
     # here too, or the two implementations would drift.
     for name, array, dtype, ndim in (
         ("signals", signals, np.float64, 2),
-        ("model_loaded", model_loaded, np.float64, 1),
-        ("model_fits", model_fits, np.float64, 1),
+        ("model_state", model_state, np.float64, 2),
         ("candidates", candidates, np.int64, 1),
         ("request", request, np.float64, 1),
         ("scores", scores, np.float64, 1),
@@ -173,8 +179,8 @@ def _check(signals, model_loaded, model_fits, candidates, request, scores) -> No
             raise ValueError(f"{name} must be C-contiguous")
     if signals.shape[1] != NODE_COLUMNS:
         raise ValueError(f"signals must have {NODE_COLUMNS} columns, got {signals.shape[1]}")
-    if len(model_loaded) != signals.shape[0] or len(model_fits) != signals.shape[0]:
-        raise ValueError("model_loaded and model_fits need one value per node")
+    if model_state.shape[0] != signals.shape[0] or model_state.shape[1] != MODEL_COLUMNS:
+        raise ValueError(f"model_state must be nodes x {MODEL_COLUMNS}")
     if len(request) != REQ_COLUMNS:
         raise ValueError(f"request must have {REQ_COLUMNS} values, got {len(request)}")
     if len(scores) < len(candidates):

@@ -23,6 +23,9 @@ from .layout import (
     COL_QUEUE_DEPTH,
     COL_SLOTS_TOTAL,
     COL_TTFT_MS,
+    MODEL_COLUMNS,
+    MODEL_DECODE_TPS,
+    MODEL_TTFT_MS,
     NODE_COLUMNS,
     POLICY_IDS,
     REQ_AFFINITY_NODE,
@@ -45,6 +48,7 @@ DEFAULT_MODEL_LOAD_MS = 10_000.0
 
 class NodeSignals:
     def __init__(self, node_count: int) -> None:
+        self._models: dict[str, np.ndarray] = {}
         self.matrix = np.full((node_count, NODE_COLUMNS), math.nan)
         self.matrix[:, COL_HEALTHY] = 0.0
         self.matrix[:, COL_IN_FLIGHT] = 0.0
@@ -52,6 +56,14 @@ class NodeSignals:
         self.matrix[:, COL_ERROR_RATE] = 0.0
         self.matrix[:, COL_IS_GPU] = 0.0
         self.matrix[:, COL_COST_WEIGHT] = 1.0
+
+    def model_state(self, model: str) -> np.ndarray:
+        """Return the nodes x MODEL_COLUMNS matrix for ``model``, created all-unknown."""
+        state = self._models.get(model)
+        if state is None:
+            state = np.full((self.matrix.shape[0], MODEL_COLUMNS), math.nan)
+            self._models[model] = state
+        return state
 
     def set_static(self, node: int, *, is_gpu: bool, cost_weight: float) -> None:
         self.matrix[node, COL_IS_GPU] = 1.0 if is_gpu else 0.0
@@ -76,15 +88,26 @@ class NodeSignals:
         self.matrix[node, COL_IN_FLIGHT] -= 1.0
 
     def observe(
-        self, node: int, *, ok: bool, ttft_ms: float | None = None, decode_tps: float | None = None
+        self,
+        node: int,
+        model: str | None = None,
+        *,
+        ok: bool,
+        ttft_ms: float | None = None,
+        decode_tps: float | None = None,
     ) -> None:
-        """Fold one finished request into the node's moving averages."""
+        """Fold one finished request into the node's, and the node's model's, moving averages."""
         row = self.matrix[node]
         row[COL_ERROR_RATE] += EWMA_ALPHA * ((0.0 if ok else 1.0) - row[COL_ERROR_RATE])
+        model_row = self.model_state(model)[node] if model is not None else None
         if ttft_ms is not None and ttft_ms >= 0:
             row[COL_TTFT_MS] = _ewma(row[COL_TTFT_MS], ttft_ms)
+            if model_row is not None:
+                model_row[MODEL_TTFT_MS] = _ewma(model_row[MODEL_TTFT_MS], ttft_ms)
         if decode_tps is not None and decode_tps > 0:
             row[COL_DECODE_TPS] = _ewma(row[COL_DECODE_TPS], decode_tps)
+            if model_row is not None:
+                model_row[MODEL_DECODE_TPS] = _ewma(model_row[MODEL_DECODE_TPS], decode_tps)
 
     def row(self, node: int) -> dict[str, float | None]:
         values = self.matrix[node]
@@ -121,7 +144,7 @@ class RoutingEngine:
         node_count = signals.matrix.shape[0]
         self._scores = np.empty(node_count)
         self._request = np.zeros(REQ_COLUMNS)
-        self._unknown = np.full(node_count, math.nan)
+        self._unknown = np.full((node_count, MODEL_COLUMNS), math.nan)
         self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self._turn = 0
 
@@ -131,8 +154,7 @@ class RoutingEngine:
         features: RequestFeatures,
         policy: str | None = None,
         *,
-        model_loaded: np.ndarray | None = None,
-        model_fits: np.ndarray | None = None,
+        model_state: np.ndarray | None = None,
     ) -> Decision | None:
         """Score ``candidates`` under ``policy`` (default: the configured one) and pick one."""
         policy = policy or self.default_policy
@@ -148,8 +170,7 @@ class RoutingEngine:
         self._turn += 1
         node = score_nodes(
             self.signals.matrix,
-            self._unknown if model_loaded is None else model_loaded,
-            self._unknown if model_fits is None else model_fits,
+            self._unknown if model_state is None else model_state,
             candidates,
             request,
             POLICY_IDS[policy],
