@@ -40,6 +40,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         max_queued_per_model=settings.max_queued_per_model,
         aging_s=settings.queue_aging_s,
         timeout_s=settings.queue_timeout_s,
+        node_queue_per_slot=settings.node_queue_per_slot,
     )
     cluster.on_capacity = scheduler.wake  # type: ignore[method-assign]
     client = UpstreamClient(

@@ -86,6 +86,9 @@ class Settings:
     max_queued_per_model: int = 256
     queue_aging_s: float = 10.0  # waiting this long raises a request's priority by 1
     queue_timeout_s: float = 120.0
+    # Requests per slot a node may hold waiting in its own queue before the
+    # router starts queueing; keeps each node busy between requests.
+    node_queue_per_slot: float = 1.0
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
 
 

@@ -268,6 +268,7 @@ async def test_full_queue_is_429(tmp_path, refused_url):
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'history.db'}",
         max_queued_per_model=0,
+        node_queue_per_slot=0.0,
         nodes=(NodeConfig(url=refused_url, kind=NodeKind.LLAMACPP, name="busy", models=("tiny",)),),
     )
     app = create_app(settings, probe_nodes=False)

@@ -12,7 +12,9 @@ from sollol.routing.scheduler import (
 )
 
 
-def make_scheduler(*, slots=1.0, in_flight=1.0, max_queued=8, aging_s=1000.0, timeout_s=5.0):
+def make_scheduler(
+    *, slots=1.0, in_flight=1.0, max_queued=8, aging_s=1000.0, timeout_s=5.0, node_queue=0.0
+):
     signals = np.zeros((1, NODE_COLUMNS))
     signals[0, COL_SLOTS_TOTAL] = slots
     signals[0, COL_IN_FLIGHT] = in_flight
@@ -23,6 +25,7 @@ def make_scheduler(*, slots=1.0, in_flight=1.0, max_queued=8, aging_s=1000.0, ti
         max_queued_per_model=max_queued,
         aging_s=aging_s,
         timeout_s=timeout_s,
+        node_queue_per_slot=node_queue,
     )
     return scheduler, signals
 
@@ -149,3 +152,10 @@ async def test_wait_time_is_reported():
     await asyncio.sleep(0.05)
     await free_one_slot(scheduler, signals)
     assert await task >= 40.0
+
+
+async def test_node_queue_headroom_admits_beyond_slots():
+    scheduler, signals = make_scheduler(slots=2.0, in_flight=3.0, node_queue=1.0)
+    assert await scheduler.admit("m", 5, never_disconnects) == 0.0
+    signals[0, COL_IN_FLIGHT] = 4.0
+    assert scheduler.is_full("m")

@@ -1,8 +1,10 @@
 """Priority admission: requests wait here while every node that serves their model is full.
 
-A node is full when the router has as many requests in flight there as the
-node has slots; a node whose slot count is unknown is never full, so its own
-queue takes the overflow. Waiting requests are served by effective priority,
+A node is full when the router has ``slots * (1 + node_queue_per_slot)``
+requests in flight there: besides one request per slot, the node keeps a short
+queue of its own, so a freed slot starts its next request at once instead of
+idling while the router hands one over. A node whose slot count is unknown is
+never full, so its own queue takes the overflow. Waiting requests are served by effective priority,
 ``priority + waited_s / aging_s``, so a batch request (1) waiting long enough
 overtakes new critical ones (10) and never starves. Ties go to the earliest.
 """
@@ -51,8 +53,10 @@ class Scheduler:
         max_queued_per_model: int,
         aging_s: float,
         timeout_s: float,
+        node_queue_per_slot: float = 1.0,
     ) -> None:
         self._signals = signals
+        self._capacity_per_slot = 1.0 + node_queue_per_slot
         self._candidates_of = candidates_of
         self.max_queued_per_model = max_queued_per_model
         self.aging_s = aging_s
@@ -72,7 +76,9 @@ class Scheduler:
             return False  # nothing to wait for; the caller reports no node
         for node in candidates:
             slots = self._signals[node, COL_SLOTS_TOTAL]
-            if math.isnan(slots) or self._signals[node, COL_IN_FLIGHT] < slots:
+            if math.isnan(slots):
+                return False
+            if self._signals[node, COL_IN_FLIGHT] < slots * self._capacity_per_slot:
                 return False
         return True
 
@@ -138,7 +144,8 @@ class Scheduler:
             slots = self._signals[node, COL_SLOTS_TOTAL]
             if math.isnan(slots):
                 return math.inf
-            free += max(0.0, slots - self._signals[node, COL_IN_FLIGHT])
+            capacity = slots * self._capacity_per_slot
+            free += max(0.0, capacity - self._signals[node, COL_IN_FLIGHT])
         return free
 
     def _remove(self, model: str, waiter: _Waiter) -> None:

@@ -128,6 +128,8 @@ def write_router_config(path: Path, *, database_path: Path, nodes: list[dict]) -
         "port = 0",
         f'database_url = "sqlite:///{database_path}"',
         "health_interval_s = 1.0",
+        # Queue in the router as soon as every slot is busy, so tests can fill it.
+        "node_queue_per_slot = 0.0",
         "",
     ]
     for node in nodes:
