@@ -157,7 +157,7 @@ class Cluster:
     ) -> None:
         """Read slots, queue and loaded models from the node's own endpoints.
 
-        A node that does not answer these (an older build, slots disabled) is
+        A node without these endpoints (an older build, slots disabled) is
         still routed to, on the router's own signals.
         """
         try:

@@ -7,7 +7,7 @@
     ├── NoNodeAvailableError         503, the model is known but no node can take it now
     ├── QueueFullError               429, the model's wait queue is at its bound
     ├── ClientClosedError            499, the client left while its request waited
-    └── UpstreamError                an upstream node failed or answered with an error
+    └── UpstreamError                a node failed, could not be reached, or returned an error
 
 One Starlette exception handler turns any of them into
 ``{"error": {"message", "type", "param", "code"}}``.

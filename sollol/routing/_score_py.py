@@ -130,11 +130,11 @@ def score_nodes(
 ) -> int:
     """Score each candidate into ``scores`` and return the best node index, or -1.
 
-    ``signals`` is nodes x NODE_COLUMNS; ``model_state`` is nodes x
-    MODEL_COLUMNS for the requested model (NaN: unknown);
-    ``request`` is a REQ_COLUMNS vector; ``scores[i]`` receives the cost of
+    ``signals`` is a nodes x NODE_COLUMNS matrix, and ``model_state`` a nodes
+    x MODEL_COLUMNS matrix for the requested model, NaN meaning unknown.
+    ``request`` is a REQ_COLUMNS vector. ``scores[i]`` receives the cost of
     ``candidates[i]``. Ties, and round-robin, rotate from position ``start``.
-    No candidate with a finite cost means -1.
+    When no candidate has a finite cost, the result is -1.
     """
     _check(signals, model_state, candidates, request, scores)
     n = len(candidates)

@@ -187,7 +187,7 @@ class RoutingEngine:
         )
 
     def remember_prefix(self, features: RequestFeatures, node: int) -> None:
-        """Record that ``node`` now holds this conversation's prompt cache."""
+        """Record that ``node`` now has this conversation's prompt in its cache."""
         if features.prefix_key is None:
             return
         self._affinity[features.prefix_key] = node

@@ -17,7 +17,7 @@ COL_COST_WEIGHT = 8  # relative cost of using the node (from config), 1 by defau
 NODE_COLUMNS = 9
 
 # Model state matrix: one row per node, for the requested model. NaN: unknown.
-MODEL_LOADED = 0  # 1 when the node holds the model in memory
+MODEL_LOADED = 0  # 1 when the model is loaded in the node's memory
 MODEL_FITS = 1  # 0 when the model is larger than the node's memory
 MODEL_TTFT_MS = 2  # moving average for this model on this node; NaN: use the node's
 MODEL_DECODE_TPS = 3  # likewise for decode tokens per second

@@ -1,8 +1,8 @@
 """Priority admission: requests wait here while every node that serves their model is full.
 
 A node is full when the router has ``slots * (1 + node_queue_per_slot)``
-requests in flight there: besides one request per slot, the node keeps a short
-queue of its own, so a freed slot starts its next request at once instead of
+requests in flight there. Besides one request per slot, the node keeps a short
+queue of its own. A freed slot then starts its next request at once instead of
 idling while the router hands one over. A node whose slot count is unknown is
 never full, so its own queue takes the overflow. Waiting requests are served by effective priority,
 ``priority + waited_s / aging_s``, so a batch request (1) waiting long enough
@@ -106,20 +106,20 @@ class Scheduler:
             asyncio.get_running_loop().create_future(),
         )
         self._queues.setdefault(model, []).append(waiter)
-        gone = asyncio.ensure_future(disconnected())
+        disconnect = asyncio.ensure_future(disconnected())
         try:
             done, _ = await asyncio.wait(
-                {waiter.ready, gone},
+                {waiter.ready, disconnect},
                 timeout=self.timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if waiter.ready in done:
                 return (time.monotonic() - started) * 1000.0
-            if gone in done:
+            if disconnect in done:
                 raise ClientGoneError(model)
             raise QueueTimeoutError(model)
         finally:
-            gone.cancel()
+            disconnect.cancel()
             self._remove(model, waiter)
 
     def wake(self) -> None:
