@@ -13,12 +13,19 @@ from sollol.routing.scheduler import (
 
 
 def make_scheduler(
-    *, slots=1.0, in_flight=1.0, max_queued=8, aging_s=1000.0, timeout_s=5.0, node_queue=0.0
+    *,
+    slots=1.0,
+    in_flight=1.0,
+    max_queued=8,
+    aging_s=1000.0,
+    timeout_s=5.0,
+    node_queue=0.0,
+    candidates=None,
 ):
     signals = np.zeros((1, NODE_COLUMNS))
     signals[0, COL_SLOTS_TOTAL] = slots
     signals[0, COL_IN_FLIGHT] = in_flight
-    candidates = np.zeros(1, dtype=np.int64)
+    candidates = np.zeros(1, dtype=np.int64) if candidates is None else candidates
     scheduler = Scheduler(
         signals=signals,
         candidates_of=lambda model: candidates,
@@ -159,3 +166,13 @@ async def test_node_queue_headroom_admits_beyond_slots():
     assert await scheduler.admit("m", 5, never_disconnects) == 0.0
     signals[0, COL_IN_FLIGHT] = 4.0
     assert scheduler.is_full("m")
+
+
+async def test_waiters_released_when_no_node_is_left():
+    candidates = np.zeros(1, dtype=np.int64)
+    scheduler, _ = make_scheduler(candidates=candidates)
+    task = asyncio.create_task(scheduler.admit("m", 5, never_disconnects))
+    await wait_until_queued(scheduler, 1)
+    candidates.resize(0, refcheck=False)  # the only node became unhealthy
+    scheduler.wake()
+    assert await task >= 0.0

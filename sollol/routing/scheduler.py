@@ -139,8 +139,13 @@ class Scheduler:
                 free -= 1
 
     def _free_slots(self, model: str) -> float:
+        candidates = self._candidates_of(model)
+        if len(candidates) == 0:
+            # No healthy node is left: let the waiters go now and fail with
+            # 503 at once, rather than wait out the queue timeout.
+            return math.inf
         free = 0.0
-        for node in self._candidates_of(model):
+        for node in candidates:
             slots = self._signals[node, COL_SLOTS_TOTAL]
             if math.isnan(slots):
                 return math.inf
