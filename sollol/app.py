@@ -33,7 +33,11 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     With ``probe_nodes`` False the lifespan neither probes nodes nor runs the
     health loop, so tests can set node state by hand.
     """
-    cluster = Cluster(settings.nodes, default_policy=settings.routing_policy)
+    cluster = Cluster(
+        settings.nodes,
+        default_policy=settings.routing_policy,
+        node_queue_per_slot=settings.node_queue_per_slot,
+    )
     scheduler = Scheduler(
         signals=cluster.signals.matrix,
         candidates_of=cluster.candidates_of,

@@ -17,7 +17,7 @@ import numpy as np
 from .config import NodeConfig, NodeKind
 from .routing.engine import Decision, NodeSignals, RoutingEngine
 from .routing.features import RequestFeatures
-from .routing.layout import MODEL_FITS, MODEL_LOADED
+from .routing.layout import COL_IN_FLIGHT, COL_SLOTS_TOTAL, MODEL_FITS, MODEL_LOADED
 from .upstream import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,14 @@ class Node:
 
 class Cluster:
     def __init__(
-        self, nodes: Iterable[NodeConfig], *, default_policy: str = "predicted_latency"
+        self,
+        nodes: Iterable[NodeConfig],
+        *,
+        default_policy: str = "predicted_latency",
+        node_queue_per_slot: float = 1.0,
     ) -> None:
+        # Requests a node may hold per slot: one running, the rest in its own queue.
+        self.capacity_per_slot = 1.0 + node_queue_per_slot
         self.nodes = [
             Node(config=config, index=index, models=frozenset(config.models))
             for index, config in enumerate(nodes)
@@ -77,16 +83,29 @@ class Cluster:
         features: RequestFeatures,
         policy: str | None = None,
         exclude: frozenset[int] = frozenset(),
+        *,
+        dry_run: bool = False,
     ) -> Decision | None:
-        """Score the healthy nodes serving ``model`` and pick one, or return None."""
+        """Score the healthy nodes serving ``model`` and pick one, or return None.
+
+        Nodes at their capacity (see ``capacity_per_slot``) are left out while
+        any node has room, so admission by the scheduler and the choice agree.
+        """
         candidates = self._candidates.get(model, _EMPTY)
         if exclude:
             candidates = candidates[~np.isin(candidates, list(exclude))]
+        if len(candidates) > 1:
+            slots = self.signals.matrix[candidates, COL_SLOTS_TOTAL]
+            in_flight = self.signals.matrix[candidates, COL_IN_FLIGHT]
+            has_room = np.isnan(slots) | (in_flight < slots * self.capacity_per_slot)
+            if has_room.any() and not has_room.all():
+                candidates = candidates[has_room]
         return self.engine.decide(
             candidates,
             features,
             policy,
             model_state=self.signals.model_state(model),
+            dry_run=dry_run,
         )
 
     def acquire(self, node: Node) -> None:

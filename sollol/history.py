@@ -49,6 +49,7 @@ requests_table = Table(
     Column("ttft_ms", Float, nullable=True, doc="Time to the first streamed event"),
     Column("latency_ms", Float, nullable=False),
     Column("policy", String(32), nullable=True),
+    Column("priority", Integer, nullable=True, doc="1 batch .. 10 critical"),
     Column("queue_ms", Float, nullable=True, doc="Time spent waiting for a free node"),
     Column("scores", Text, nullable=True, doc="JSON object: candidate node -> score (lower wins)"),
 )
@@ -71,6 +72,7 @@ class RequestRecord:
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     policy: str | None = None
+    priority: int | None = None
     scores: str | None = None
     queue_ms: float | None = None
     # Reported by the node (llama-server's `timings`); feed the routing

@@ -126,28 +126,36 @@ def _check_text_or_tokens(body: dict[str, Any], field: str) -> None:
     )
 
 
-def _read_policy(value: str | None) -> str | None:
+def _read_policy(value: str | None, param: str = "x-sollol-policy") -> str | None:
     if value is None or value == "":
         return None
     if value not in POLICY_IDS:
         raise InvalidRequestError(
             f"unknown routing policy {value!r}; expected one of {', '.join(sorted(POLICY_IDS))}",
-            param="x-sollol-policy",
+            param=param,
         )
     return value
 
 
-def _read_priority(body: dict[str, Any], header: str | None) -> int:
-    """Return the request priority from the body field ``priority`` or the header."""
+def _read_priority(body: dict[str, Any], header: str | None, header_name: str) -> int:
+    """Return the request priority: the body field ``priority`` wins over the header.
+
+    Both are checked when both are given. The body field must be a JSON
+    integer; it is not an OpenAI field, so it is taken out before the body
+    goes to a node.
+    """
+    priority = DEFAULT_PRIORITY
     try:
-        if "priority" in body:
-            # Not an OpenAI field, so it is taken out before the body goes to a node.
-            return parse_priority(body.pop("priority"), "'priority'")
         if header is not None:
-            return parse_priority(header, "x-sollol-priority")
+            priority = parse_priority(header, header_name)
+        if "priority" in body:
+            value = body.pop("priority")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"'priority' must be an integer from 1 to 10, got {value!r}")
+            priority = parse_priority(value, "'priority'")
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="priority") from None
-    return DEFAULT_PRIORITY
+    return priority
 
 
 def _read_number(params: Any, name: str, default: float) -> float:
@@ -158,8 +166,10 @@ def _read_number(params: Any, name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise InvalidRequestError(f"'{name}' must be a number, got {text!r}", param=name) from None
-    if not value >= 0:
-        raise InvalidRequestError(f"'{name}' must not be negative", param=name)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequestError(
+            f"'{name}' must be a finite number of at least 0, got {text!r}", param=name
+        )
     return value
 
 
@@ -173,6 +183,9 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+TASKS = ("chat", "completion", "embedding")
 
 
 class OpenAIRoutes:
@@ -227,7 +240,9 @@ class OpenAIRoutes:
         stream: bool,
     ) -> Response:
         policy = _read_policy(request.headers.get("x-sollol-policy"))
-        priority = _read_priority(body, request.headers.get("x-sollol-priority"))
+        priority = _read_priority(
+            body, request.headers.get("x-sollol-priority"), "x-sollol-priority"
+        )
         # Checked before choosing a node, so an unknown model never reaches one.
         if not self._proxy.cluster.knows_model(model):
             raise ModelNotFoundError(model)
@@ -278,19 +293,21 @@ class OpenAIRoutes:
             raise InvalidRequestError("missing query parameter 'model'", param="model")
         if not self._proxy.cluster.knows_model(model):
             raise ModelNotFoundError(model)
-        policy = _read_policy(params.get("policy"))
+        policy = _read_policy(params.get("policy"), param="policy")
         task = params.get("task", "chat")
-        if task not in ("chat", "completion", "embedding"):
-            raise InvalidRequestError(f"unknown task {task!r}", param="task")
+        if task not in TASKS:
+            raise InvalidRequestError(
+                f"unknown task {task!r}; expected one of {', '.join(TASKS)}", param="task"
+            )
+        default_max_tokens = 0.0 if task == "embedding" else float(DEFAULT_MAX_TOKENS)
         features = RequestFeatures(
             task=task,
             prompt_tokens=_read_number(params, "prompt_tokens", 0.0),
-            max_tokens=_read_number(params, "max_tokens", float(DEFAULT_MAX_TOKENS)),
-            priority=_read_priority({}, params.get("priority")),
+            max_tokens=_read_number(params, "max_tokens", default_max_tokens),
+            priority=_read_priority({}, params.get("priority"), "priority"),
         )
         cluster = self._proxy.cluster
-        # NOTE: a dry run still advances the round-robin turn by one.
-        decision = cluster.choose(model, features, policy)
+        decision = cluster.choose(model, features, policy, dry_run=True)
         candidates = []
         if decision is not None:
             for index, score in decision.best(len(decision.candidates)):

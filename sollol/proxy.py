@@ -77,6 +77,7 @@ class Proxy:
             model=request.model,
             stream=request.stream,
             queue_ms=request.queue_ms,
+            priority=request.features.priority,
         )
         started = time.perf_counter()
         try:

@@ -230,7 +230,7 @@ async def test_route_skips_unhealthy_node(two_node_client):
     ("params", "param"),
     [
         ({}, "model"),
-        ({"model": "tiny", "policy": "fastest"}, "x-sollol-policy"),
+        ({"model": "tiny", "policy": "fastest"}, "policy"),
         ({"model": "tiny", "task": "rerank"}, "task"),
         ({"model": "tiny", "max_tokens": "lots"}, "max_tokens"),
         ({"model": "tiny", "priority": "11"}, "priority"),
@@ -282,3 +282,47 @@ async def test_full_queue_is_429(tmp_path, refused_url):
     assert response.status_code == 429
     assert response.headers["retry-after"] == "2"
     assert error_of(response)["code"] == "queue_full"
+
+
+async def test_route_dry_run_keeps_round_robin_turn(two_node_client):
+    params = {"model": "tiny", "policy": "round_robin"}
+    first = (await two_node_client.get("/sollol/route", params=params)).json()["chosen"]
+    second = (await two_node_client.get("/sollol/route", params=params)).json()["chosen"]
+    assert first == second
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-1"])
+async def test_route_rejects_non_finite_numbers(two_node_client, value):
+    response = await two_node_client.get(
+        "/sollol/route", params={"model": "tiny", "max_tokens": value}
+    )
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "max_tokens"
+
+
+async def test_full_node_left_out_while_another_has_room(two_node_client):
+    from sollol.routing.layout import COL_DECODE_TPS, COL_IN_FLIGHT, COL_SLOTS_TOTAL
+
+    app = two_node_client.app
+    set_signal(app, "fast", COL_DECODE_TPS, 500.0)
+    set_signal(app, "slow", COL_DECODE_TPS, 1.0)
+    for name in ("fast", "slow"):
+        set_signal(app, name, COL_SLOTS_TOTAL, 1.0)
+    # One slot plus one request waiting at the node: "fast" is at capacity.
+    set_signal(app, "fast", COL_IN_FLIGHT, 2.0)
+    body = (await two_node_client.get("/sollol/route", params={"model": "tiny"})).json()
+    assert body["chosen"] == "slow"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ({**CHAT, "priority": "5"}, {}),
+        ({**CHAT, "priority": 5.0}, {}),
+        ({**CHAT, "priority": 3}, {"x-sollol-priority": "high"}),
+    ],
+)
+async def test_priority_must_be_integer(two_node_client, body, headers):
+    response = await two_node_client.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "priority"

@@ -155,8 +155,13 @@ class RoutingEngine:
         policy: str | None = None,
         *,
         model_state: np.ndarray | None = None,
+        dry_run: bool = False,
     ) -> Decision | None:
-        """Score ``candidates`` under ``policy`` (default: the configured one) and pick one."""
+        """Score ``candidates`` under ``policy`` (default: the configured one) and pick one.
+
+        A ``dry_run`` answers what the next real decision would be without
+        moving round-robin on.
+        """
         policy = policy or self.default_policy
         request = self._request
         request[REQ_PROMPT_TOKENS] = features.prompt_tokens
@@ -167,14 +172,16 @@ class RoutingEngine:
         request[REQ_AFFINITY_NODE] = affinity
         request[REQ_MODEL_LOAD_MS] = DEFAULT_MODEL_LOAD_MS
 
-        self._turn += 1
+        turn = self._turn + 1
+        if not dry_run:
+            self._turn = turn
         node = score_nodes(
             self.signals.matrix,
             self._unknown if model_state is None else model_state,
             candidates,
             request,
             POLICY_IDS[policy],
-            self._turn,
+            turn,
             self._scores,
         )
         if node < 0:
