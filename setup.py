@@ -1,7 +1,7 @@
 """Build the Cython routing core into the package.
 
 SOLLOL_NO_EXTENSIONS=1 builds a pure-Python install (the twin in
-sollol/routing/_select_py.py is used); SOLLOL_DEBUG_BUILD=1 compiles with
+sollol/routing/_score_py.py is used); SOLLOL_DEBUG_BUILD=1 compiles with
 bounds checks and without optimisation.
 """
 
@@ -17,8 +17,7 @@ else:
     debug = os.environ.get("SOLLOL_DEBUG_BUILD") == "1"
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
     extensions = [
-        Extension(f"sollol.routing.{name}", [f"csrc/{name}.pyx"], extra_compile_args=compile_args)
-        for name in ("_select_c", "_score_c")
+        Extension("sollol.routing._score_c", ["csrc/_score_c.pyx"], extra_compile_args=compile_args)
     ]
     ext_modules = cythonize(
         extensions,

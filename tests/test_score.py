@@ -1,6 +1,9 @@
 """The scoring core: each policy on constructed node states, and the twins against each other."""
 
+import importlib
+import importlib.machinery
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +50,35 @@ def _compiled():
 @pytest.fixture(params=["compiled", "pure"])
 def score_nodes(request):
     return _compiled().score_nodes if request.param == "compiled" else _score_py.score_nodes
+
+
+def _extension_files() -> list[Path]:
+    folder = Path(select.__file__).parent
+    return [
+        path
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        for path in folder.glob(f"_score_c*{suffix}")
+    ]
+
+
+def test_extension_loaded_when_built():
+    if select.NO_EXTENSIONS:
+        assert not select.COMPILED
+        return
+    built = _extension_files()
+    assert built, "the Cython extension was not built; run `pip install -e .` with Cython"
+    assert select.COMPILED, f"extension {built[0].name} exists but did not import"
+
+
+def test_no_extensions_variable_forces_twin(monkeypatch):
+    monkeypatch.setenv("SOLLOL_NO_EXTENSIONS", "1")
+    try:
+        reloaded = importlib.reload(select)
+        assert not reloaded.COMPILED
+        assert reloaded.score_nodes is _score_py.score_nodes
+    finally:
+        monkeypatch.delenv("SOLLOL_NO_EXTENSIONS")
+        importlib.reload(select)
 
 
 def test_compiled_layout_matches_python():
