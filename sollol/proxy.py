@@ -280,7 +280,6 @@ class StreamRelay:
         self._stack = stack
         self._upstream = upstream
         self._started = started
-        self._finished = False
         self._closed = False
         # Until the stream ends by itself, a close means the client went away.
         record.outcome = "cancelled"
@@ -314,7 +313,6 @@ class StreamRelay:
             log.warning("node %s ended its stream inside an event", self._node.name)
         if self._record.outcome == "cancelled":
             self._record.outcome = "ok"
-        self._finished = True
 
     def _rewrite_all(self, events: list[Event]) -> list[bytes]:
         rewritten = (self._rewrite(event) for event in events)
