@@ -148,6 +148,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
+    access_log.info(
+        "%s %s status=%d error=%s", request.method, request.url.path, exc.status_code, exc.detail
+    )
     return Response(
         openai_error_body(message, error_type),
         status_code=exc.status_code,
