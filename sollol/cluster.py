@@ -70,12 +70,14 @@ class Cluster:
             )
         self.engine = RoutingEngine(self.signals, default_policy=default_policy)
         self._candidates: dict[str, np.ndarray] = {}
+        self._known_models: frozenset[str] = frozenset()
+        self._rebuild_candidates()
 
     # -- request path ----------------------------------------------------
 
     def knows_model(self, model: str) -> bool:
         """Return True when any node, healthy or not, lists the model."""
-        return any(model in node.models for node in self.nodes)
+        return model in self._known_models
 
     def choose(
         self,
@@ -220,6 +222,7 @@ class Cluster:
             state[node.index, MODEL_LOADED] = 1.0 if model in loaded else 0.0
 
     def _rebuild_candidates(self) -> None:
+        self._known_models = frozenset().union(*(node.models for node in self.nodes))
         for node in self.nodes:
             self.signals.set_healthy(node.index, node.healthy)
         by_model: dict[str, list[int]] = {}
