@@ -1,4 +1,4 @@
-"""An OpenAI-shaped backend that answers at once, to measure what a proxy adds.
+"""An OpenAI-shaped backend that replies at once, to measure what a proxy adds.
 
 Usage: python benchmarks/instant_backend.py  (prints "listening on URL", serves until killed)
 Non-streaming chat returns a fixed reply; streaming chat sends 8 content

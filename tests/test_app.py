@@ -1,5 +1,6 @@
 """In-process tests through httpx.ASGITransport: validation and errors, no node contacted."""
 
+import contextlib
 import socket
 
 import httpx
@@ -32,8 +33,20 @@ async def app_client(tmp_path, refused_url):
             ),
         ),
     )
+    async with running_app(settings) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings, *healthy: str):
+    """Yield an in-process client of the app, with its lifespan run and ``healthy`` nodes up.
+
+    Node probing is off, so no request reaches a node unless a test sends one.
+    """
     app = create_app(settings, probe_nodes=False)
     async with app.router.lifespan_context(app):
+        for name in healthy:
+            mark_healthy(app, name)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             client.app = app  # type: ignore[attr-defined]
@@ -184,14 +197,8 @@ async def two_node_client(tmp_path, refused_url):
         NodeConfig(url="http://127.0.0.3:9", kind=NodeKind.LLAMACPP, name="fast", models=("tiny",)),
     )
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'history.db'}", nodes=nodes)
-    app = create_app(settings, probe_nodes=False)
-    async with app.router.lifespan_context(app):
-        mark_healthy(app, "slow")
-        mark_healthy(app, "fast")
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-            client.app = app  # type: ignore[attr-defined]
-            yield client
+    async with running_app(settings, "slow", "fast") as client:
+        yield client
 
 
 async def test_route_explains_choice(two_node_client):
@@ -271,14 +278,10 @@ async def test_full_queue_is_429(tmp_path, refused_url):
         node_queue_per_slot=0.0,
         nodes=(NodeConfig(url=refused_url, kind=NodeKind.LLAMACPP, name="busy", models=("tiny",)),),
     )
-    app = create_app(settings, probe_nodes=False)
-    async with app.router.lifespan_context(app):
-        mark_healthy(app, "busy")
-        app.state.cluster.signals.matrix[0, COL_SLOTS_TOTAL] = 1
-        app.state.cluster.signals.matrix[0, COL_IN_FLIGHT] = 1
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-            response = await client.post("/v1/chat/completions", json=CHAT)
+    async with running_app(settings, "busy") as client:
+        client.app.state.cluster.signals.matrix[0, COL_SLOTS_TOTAL] = 1
+        client.app.state.cluster.signals.matrix[0, COL_IN_FLIGHT] = 1
+        response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 429
     assert response.headers["retry-after"] == "2"
     assert error_of(response)["code"] == "queue_full"

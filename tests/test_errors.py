@@ -4,7 +4,7 @@ import pytest
 from sollol.errors import upstream_error_from_reply
 
 
-def test_llama_server_error_keeps_status_and_drops_numeric_code():
+def test_llama_server_error_shape():
     body = orjson.dumps(
         {"error": {"code": 400, "message": "context too long", "type": "exceed_context_size_error"}}
     )

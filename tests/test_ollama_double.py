@@ -1,4 +1,4 @@
-"""The Ollama double checked by clients nobody here wrote: ollama-python and the OpenAI SDK."""
+"""The Ollama double, checked by clients written outside this project: ollama and openai."""
 
 import ollama
 import openai

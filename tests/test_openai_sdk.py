@@ -186,7 +186,7 @@ def test_embeddings_float_and_base64_agree(client):
     as_float = client.embeddings.create(
         model="tiny-embed", input=["alpha", "beta"], encoding_format="float"
     )
-    # With no encoding_format the SDK asks for base64 and decodes it itself.
+    # With no encoding_format the SDK requests base64 and decodes it itself.
     as_default = client.embeddings.create(model="tiny-embed", input=["alpha", "beta"])
     assert as_float.model == "tiny-embed"
     assert len(as_float.data) == 2
@@ -267,6 +267,7 @@ def test_history_records_each_request(client, router):
     # wait for this test's two rows by id, not for the newest rows.
     time.sleep(1.0)
     first_id = last_history_id(router.database_path) + 1
+
     plain = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=3, **FULL_LENGTH
     )
@@ -280,6 +281,7 @@ def test_history_records_each_request(client, router):
             **FULL_LENGTH,
         )
     )
+
     rows = []
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(rows) < 2:
@@ -291,6 +293,7 @@ def test_history_records_each_request(client, router):
             ).fetchall()
         time.sleep(0.1)
     assert len(rows) == 2
+
     plain_row, streamed_row = rows
     assert streamed_row[:2] == ("/v1/chat/completions", "tiny")
     assert streamed_row[2] in {"node-a", "node-b"}
@@ -352,31 +355,28 @@ def test_history_records_policy_and_scores(client, router):
     assert parsed[node] == min(parsed.values())
 
 
+async def health_of(http: httpx.AsyncClient) -> dict:
+    return (await http.get("/health")).json()
+
+
+async def fill_every_slot(http: httpx.AsyncClient, max_tokens: int) -> list[asyncio.Task]:
+    """Start four long requests, one per slot of the two 2-slot nodes, and wait until all run."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True}
+    headers = {"x-sollol-policy": "least_loaded"}
+    blockers = [
+        asyncio.create_task(http.post("/v1/chat/completions", json=body, headers=headers))
+        for _ in range(4)
+    ]
+    deadline = time.monotonic() + 10
+    while sum(node["in_flight"] for node in (await health_of(http))["nodes"]) < 4:
+        assert time.monotonic() < deadline, "the four long requests never all started"
+        await asyncio.sleep(0.01)
+    return blockers
+
+
 async def test_request_waits_while_every_slot_is_busy(router):
-    long_body = {
-        "model": "tiny",
-        "messages": MESSAGES,
-        "max_tokens": 800,
-        "ignore_eos": True,
-    }
-    least_loaded = {"x-sollol-policy": "least_loaded"}
     async with httpx.AsyncClient(base_url=router.base_url, timeout=60) as http:
-
-        async def health():
-            return (await http.get("/health")).json()
-
-        # Two nodes with 2 slots each: four long requests fill every slot.
-        blockers = [
-            asyncio.create_task(
-                http.post("/v1/chat/completions", json=long_body, headers=least_loaded)
-            )
-            for _ in range(4)
-        ]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if sum(node["in_flight"] for node in (await health())["nodes"]) == 4:
-                break
-            await asyncio.sleep(0.01)
+        blockers = await fill_every_slot(http, max_tokens=800)
         waiting = asyncio.create_task(
             http.post(
                 "/v1/chat/completions",
@@ -384,8 +384,9 @@ async def test_request_waits_while_every_slot_is_busy(router):
             )
         )
         queued_seen = 0
+        deadline = time.monotonic() + 10
         while not waiting.done() and time.monotonic() < deadline:
-            queued_seen = max(queued_seen, (await health())["queued"])
+            queued_seen = max(queued_seen, (await health_of(http))["queued"])
             await asyncio.sleep(0.01)
         replies = await asyncio.gather(*blockers, waiting)
     assert [reply.status_code for reply in replies] == [200] * 5
@@ -393,23 +394,9 @@ async def test_request_waits_while_every_slot_is_busy(router):
 
 
 async def test_disconnected_client_leaves_queue(router):
-    long_body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "ignore_eos": True}
-    least_loaded = {"x-sollol-policy": "least_loaded"}
     async with httpx.AsyncClient(base_url=router.base_url, timeout=60) as http:
-
-        async def health():
-            return (await http.get("/health")).json()
-
-        blockers = [
-            asyncio.create_task(
-                http.post("/v1/chat/completions", json=long_body, headers=least_loaded)
-            )
-            for _ in range(4)
-        ]
+        blockers = await fill_every_slot(http, max_tokens=900)
         deadline = time.monotonic() + 10
-        while sum(node["in_flight"] for node in (await health())["nodes"]) < 4:
-            assert time.monotonic() < deadline, "the four long requests never all started"
-            await asyncio.sleep(0.01)
 
         # This client gives up while its request waits, closing the connection.
         async with httpx.AsyncClient(base_url=router.base_url, timeout=0.3) as impatient:
@@ -420,7 +407,7 @@ async def test_disconnected_client_leaves_queue(router):
                 )
         queued_after = None
         while time.monotonic() < deadline:
-            queued_after = (await health())["queued"]
+            queued_after = (await health_of(http))["queued"]
             if queued_after == 0:
                 break
             await asyncio.sleep(0.01)

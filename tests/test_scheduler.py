@@ -50,7 +50,7 @@ async def free_one_slot(scheduler, signals):
     signals[0, COL_IN_FLIGHT] -= 1
     scheduler.wake()
     await asyncio.sleep(0)
-    signals[0, COL_IN_FLIGHT] += 1  # the admitted request now holds the slot
+    signals[0, COL_IN_FLIGHT] += 1  # the admitted request now occupies the slot
 
 
 async def test_free_node_admits_at_once():
@@ -136,10 +136,10 @@ async def test_zero_bound_rejects_when_full():
 
 async def test_disconnect_leaves_queue():
     scheduler, _ = make_scheduler()
-    gone = asyncio.Event()
-    task = asyncio.create_task(scheduler.admit("m", 5, gone.wait))
+    disconnected = asyncio.Event()
+    task = asyncio.create_task(scheduler.admit("m", 5, disconnected.wait))
     await wait_until_queued(scheduler, 1)
-    gone.set()
+    disconnected.set()
     with pytest.raises(ClientGoneError):
         await task
     assert scheduler.queued() == 0

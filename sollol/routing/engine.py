@@ -159,7 +159,7 @@ class RoutingEngine:
     ) -> Decision | None:
         """Score ``candidates`` under ``policy`` (default: the configured one) and pick one.
 
-        A ``dry_run`` answers what the next real decision would be without
+        A ``dry_run`` returns what the next real decision would be, without
         moving round-robin on.
         """
         policy = policy or self.default_policy
