@@ -1,7 +1,7 @@
 """Read a load run's results and print its report.
 
-``loadtests/run.py`` explains the classification of failures in its docstring;
-``caused_by_kill`` implements it.
+The docstring of ``loadtests/run.py`` explains how failures are classified,
+and ``caused_by_kill`` implements that classification.
 """
 
 import csv
@@ -16,8 +16,8 @@ from pathlib import Path
 # node breaks, so this only covers scheduling delays on a busy machine.
 KILL_GRACE_S = 10.0
 # Failure messages are cut to this length when grouped.
-MAX_MESSAGE_CHARS = 160
-# Distinct router log messages printed at most.
+MAX_MESSAGE_CHARS = 240
+# The maximum number of distinct router log messages printed.
 MAX_LOG_GROUPS = 8
 MIB = 1024 * 1024
 

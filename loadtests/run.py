@@ -25,11 +25,11 @@ healthy node that could serve it.
 Failures are classified as follows:
 
 - Caused by a node kill: a stream that ``node-1`` was sending when it was
-  killed, which the router ended with an in-band error event (the client
-  already had a 200 and part of the reply, so no other node could take
-  over). It counts as such when the event arrived at most
-  ``results.KILL_GRACE_S`` seconds after a kill of the node named in the
-  stream's ``x-sollol-node`` header.
+  killed, which the router ended with an in-band error event. The client
+  already had a 200 and possibly part of the reply, so the router does not
+  hand such a request to another node. Such a stream counts as caused by a kill when its error event
+  arrived at most ``results.KILL_GRACE_S`` seconds after a kill of the node
+  named in the stream's ``x-sollol-node`` header.
 - Counted against the router: every other failure. Since another healthy
   node could always serve the request, this includes any 5xx the router
   returned (also a 502 naming the killed node, which means failover did not
@@ -43,8 +43,9 @@ Failures are classified as follows:
 Exit status: 0 when no failure is counted against the router, 1 when some
 are, 2 when the run could not be completed (llama.cpp missing, a process
 that did not start, a node that could not be restarted, locust or the
-locustfile failing), 130 on Ctrl-C. Every process started here is stopped on
-every path out, Ctrl-C and SIGTERM included.
+locustfile failing), 130 on Ctrl-C and 143 on SIGTERM. Every process started
+here is stopped on every path out, Ctrl-C and SIGTERM included, unless the
+runner itself is killed with SIGKILL.
 """
 
 import argparse
@@ -97,7 +98,7 @@ class RunError(Exception):
 
 
 class Terminated(Exception):
-    """SIGTERM arrived; raised in the main thread so that cleanup runs as on Ctrl-C."""
+    """The exception raised in the main thread on SIGTERM, so that cleanup runs as on Ctrl-C."""
 
 
 def raise_terminated(_signum: int, _frame: object) -> None:
@@ -486,7 +487,8 @@ def restart_node(node: LlamaServer, bin_dir: Path) -> None:
         try:
             node.wait_healthy(timeout_s=NODE_START_TIMEOUT_S)
         except LlamaServerStartError as exc:
-            # A socket of the killed process may still hold the port, so try again.
+            # Another socket, such as an outgoing connection given this port as
+            # its ephemeral port, may hold the port for a while, so try again.
             node.stop()
             error = exc
             time.sleep(1.0)
