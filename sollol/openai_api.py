@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -19,6 +19,15 @@ from .errors import (
 )
 from .errors import QueueFullError as ApiQueueFullError
 from .proxy import Proxy, ProxyRequest
+from .request_fields import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
+    MAX_TOKEN_ID,
+    TYPE_NAMES,
+    check_fields,
+    json_type_of,
+)
 from .routing.features import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PRIORITY,
@@ -28,6 +37,10 @@ from .routing.features import (
 )
 from .routing.layout import POLICY_IDS
 from .routing.scheduler import ClientGoneError, QueueFullError, QueueTimeoutError, Scheduler
+
+# orjson 3.13 parses up to 1024 levels of nested arrays and objects but
+# writes at most 254, and the router writes every body again for the node.
+MAX_JSON_DEPTH = 254
 
 
 async def read_json_body(request: Request, max_body_bytes: int) -> dict[str, Any]:
@@ -46,13 +59,16 @@ async def read_json_body(request: Request, max_body_bytes: int) -> dict[str, Any
 
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise PayloadTooLargeError(
-                f"request body exceeds the limit of {max_body_bytes} bytes (max_body_bytes)"
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise PayloadTooLargeError(
+                    f"request body exceeds the limit of {max_body_bytes} bytes (max_body_bytes)"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosedError("the client disconnected while sending its request") from None
     body = b"".join(chunks)
 
     if not body:
@@ -62,7 +78,18 @@ async def read_json_body(request: Request, max_body_bytes: int) -> dict[str, Any
     except orjson.JSONDecodeError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
-        raise InvalidRequestError("request body must be a JSON object")
+        raise InvalidRequestError(
+            f"request body must be a JSON object, got {TYPE_NAMES[json_type_of(parsed)]}"
+        )
+    # Only a body with this many brackets can nest this deep, so the common
+    # case costs two byte counts and no second serialization.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        try:
+            orjson.dumps(parsed)
+        except orjson.JSONEncodeError:
+            raise InvalidRequestError(
+                f"request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+            ) from None
     return parsed
 
 
@@ -99,11 +126,30 @@ def _check_messages(body: dict[str, Any]) -> None:
                 f"messages[{position}] must be an object with a string 'role'",
                 param=f"messages[{position}]",
             )
+        _check_content(message.get("content"), f"messages[{position}].content")
+
+
+def _check_content(content: Any, param: str) -> None:
+    """Accept a string, null (an assistant turn with tool calls) or an array of content parts."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequestError(
+            f"{param} must be a string, an array of content parts or null", param=param
+        )
+    for position, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequestError(
+                f"{param}[{position}] must be an object with a string 'type', "
+                'such as {"type": "text", "text": "..."}',
+                param=f"{param}[{position}]",
+            )
 
 
 def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(token, int) and not isinstance(token, bool) for token in value
+        isinstance(token, int) and not isinstance(token, bool) and 0 <= token <= MAX_TOKEN_ID
+        for token in value
     )
 
 
@@ -121,7 +167,8 @@ def _check_text_or_tokens(body: dict[str, Any], field: str) -> None:
             return
     raise InvalidRequestError(
         f"'{field}' must be a string, a non-empty array of strings, "
-        "an array of token ids or an array of token-id arrays",
+        "an array of token ids or an array of token-id arrays "
+        f"(token ids are integers from 0 to {MAX_TOKEN_ID})",
         param=field,
     )
 
@@ -209,6 +256,7 @@ class OpenAIRoutes:
         model = _require_model(body)
         _check_messages(body)
         stream = _read_stream_flag(body)
+        check_fields(body, CHAT_FIELDS)
         return await self._forward(request, "/v1/chat/completions", "chat", body, model, stream)
 
     async def completions(self, request: Request) -> Response:
@@ -216,6 +264,7 @@ class OpenAIRoutes:
         model = _require_model(body)
         _check_text_or_tokens(body, "prompt")
         stream = _read_stream_flag(body)
+        check_fields(body, COMPLETION_FIELDS)
         return await self._forward(request, "/v1/completions", "completion", body, model, stream)
 
     async def embeddings(self, request: Request) -> Response:
@@ -228,6 +277,7 @@ class OpenAIRoutes:
                 f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
                 param="encoding_format",
             )
+        check_fields(body, EMBEDDING_FIELDS)
         return await self._forward(request, "/v1/embeddings", "embedding", body, model, False)
 
     async def _forward(

@@ -1,0 +1,161 @@
+"""Field rules for OpenAI request bodies, shared by the request checks and the OpenAPI description.
+
+Each table maps a body field to a JSON Schema fragment. ``check_fields``
+enforces the fragments, and ``sollol.openapi`` publishes the same fragments,
+so the description cannot promise a check the router does not make. The
+fragments use only ``type``, ``minimum``, ``maximum`` and ``items`` with a
+``type``, which is all ``check_fields`` reads.
+
+Ranges are checked only where a value outside them has no useful meaning:
+llama-server, for one, reads a negative ``max_tokens`` as "generate until
+the context is full". Other limits, such as OpenAI's ``temperature`` range,
+are left to the node, since llama.cpp and Ollama accept wider ones.
+
+Fields that are not listed here, llama-server's ``cache_prompt`` for one,
+pass to the node unchecked.
+"""
+
+from typing import Any
+
+from .errors import InvalidRequestError
+
+JsonSchema = dict[str, Any]
+
+# orjson reads a JSON integer beyond 64 bits as a float, so integer fields end there.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+# llama.cpp keeps token ids in an int32_t (llama_token).
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _nullable(*types: str, **constraints: Any) -> JsonSchema:
+    return {"type": [*types, "null"], **constraints}
+
+
+def _integer(minimum: int = INT64_MIN) -> JsonSchema:
+    return _nullable("integer", minimum=minimum, maximum=INT64_MAX)
+
+
+# Fields of both /v1/chat/completions and /v1/completions.
+SAMPLING_FIELDS: dict[str, JsonSchema] = {
+    "max_tokens": _integer(minimum=0),
+    "n": _integer(minimum=1),
+    "temperature": _nullable("number"),
+    "top_p": _nullable("number"),
+    "presence_penalty": _nullable("number"),
+    "frequency_penalty": _nullable("number"),
+    "seed": _integer(),
+    "stop": _nullable("string", "array", items={"type": "string"}),
+    "logit_bias": _nullable("object"),
+    "user": _nullable("string"),
+}
+
+CHAT_FIELDS: dict[str, JsonSchema] = {
+    **SAMPLING_FIELDS,
+    "max_completion_tokens": _integer(minimum=0),
+    "logprobs": _nullable("boolean"),
+    "top_logprobs": _integer(minimum=0),
+    "tools": _nullable("array", items={"type": "object"}),
+    "tool_choice": _nullable("string", "object"),
+    "parallel_tool_calls": _nullable("boolean"),
+    "response_format": _nullable("object"),
+}
+
+COMPLETION_FIELDS: dict[str, JsonSchema] = {
+    **SAMPLING_FIELDS,
+    # On /v1/completions, logprobs is the number of most likely tokens to return.
+    "logprobs": _integer(minimum=0),
+    "echo": _nullable("boolean"),
+    "suffix": _nullable("string"),
+    "best_of": _integer(minimum=1),
+}
+
+EMBEDDING_FIELDS: dict[str, JsonSchema] = {
+    "dimensions": _integer(minimum=1),
+    "user": _nullable("string"),
+}
+
+TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "string": "a string",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
+
+
+def json_type_of(value: Any) -> str:
+    """Return the JSON Schema type name of a value parsed from JSON."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _matches_type(value: Any, types: list[str]) -> bool:
+    value_type = json_type_of(value)
+    # Every integer is a number. A float with an integral value, such as
+    # 2.0, is not an integer here, because the body goes to the node as
+    # parsed and a node may read 2.0 as a float.
+    return value_type in types or (value_type == "integer" and "number" in types)
+
+
+def describe(schema: JsonSchema) -> str:
+    """Return the accepted values of a fragment in words, e.g. 'an integer >= 0 or null'."""
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    names = []
+    for type_name in types:
+        name = TYPE_NAMES[type_name]
+        if type_name in ("integer", "number"):
+            name += _describe_range(schema.get("minimum"), schema.get("maximum"))
+        if type_name == "array" and "items" in schema:
+            item_name = TYPE_NAMES[schema["items"]["type"]].split(" ", 1)[1]
+            name += f" of {item_name}s"
+        names.append(name)
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _describe_range(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum} to {maximum}"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_fields(body: dict[str, Any], fields: dict[str, JsonSchema]) -> None:
+    """Raise InvalidRequestError naming the first field of ``body`` that breaks its rule."""
+    for name, schema in fields.items():
+        if name not in body:
+            continue
+        value = body[name]
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        valid = _matches_type(value, types)
+        if valid and json_type_of(value) in ("integer", "number"):
+            valid = schema.get("minimum", value) <= value <= schema.get("maximum", value)
+        if valid and isinstance(value, list) and "items" in schema:
+            valid = all(_matches_type(item, [schema["items"]["type"]]) for item in value)
+        if not valid:
+            raise InvalidRequestError(
+                f"'{name}' must be {describe(schema)}, got {short_repr(value)}", param=name
+            )
