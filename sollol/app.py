@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import SollolError, openai_error_body
 from .history import HistoryWriter, create_history_engine
 from .openai_api import OpenAIRoutes
+from .openapi import openapi_route
 from .proxy import Proxy
 from .routing.scheduler import Scheduler
 from .upstream import UpstreamClient
@@ -110,6 +111,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/sollol/route", openai_routes.explain_route, methods=["GET"]),
             *openai_routes.routes(),
+            openapi_route(),
         ],
         exception_handlers={
             SollolError: _sollol_error,

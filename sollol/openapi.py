@@ -1,0 +1,431 @@
+"""The OpenAPI 3.1 description of the router's HTTP API, served at ``GET /openapi.json``.
+
+The document is built from the app's route table on each request. Every
+route needs an entry in ``OPERATIONS`` and every entry a route, or building
+fails, so the description cannot list a route the app lacks or leave one out.
+Request body fields come from ``sollol.request_fields``, the same tables the
+request checks enforce. Bodies are open (``additionalProperties: true``)
+because fields the router does not know pass through to the node.
+"""
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from . import __version__
+from .openai_api import TASKS
+from .request_fields import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
+    MAX_TOKEN_ID,
+    JsonSchema,
+)
+from .routing.layout import POLICY_IDS
+
+OPENAPI_PATH = "/openapi.json"
+
+
+def _ref(name: str) -> JsonSchema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _response_ref(name: str) -> JsonSchema:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def _json(schema: JsonSchema, description: str, **extra: Any) -> JsonSchema:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+        **extra,
+    }
+
+
+_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": _TOKEN_ID}
+TEXT_OR_TOKENS: JsonSchema = {
+    "description": "A string, an array of strings, an array of token ids or an array of those.",
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+    ],
+}
+
+# The fields every generating route reads itself, checked in sollol.openai_api.
+_ROUTER_FIELDS: dict[str, JsonSchema] = {
+    "model": {
+        "type": "string",
+        "minLength": 1,
+        "description": "A model that GET /v1/models lists.",
+    },
+    "priority": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 10,
+        "description": "SOLLOL's queue priority: 1 batch, 5 normal (default), 10 critical. "
+        "Removed before the body reaches a node; wins over x-sollol-priority.",
+    },
+}
+_STREAM_FIELDS: dict[str, JsonSchema] = {
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {
+        "type": ["object", "null"],
+        "properties": {"include_usage": {"type": "boolean"}},
+    },
+}
+
+
+def _request_body(required: dict[str, JsonSchema], fields: dict[str, JsonSchema]) -> JsonSchema:
+    return {
+        "type": "object",
+        "required": ["model", *required],
+        "properties": {**_ROUTER_FIELDS, **required, **fields},
+        "additionalProperties": True,
+    }
+
+
+SCHEMAS: dict[str, JsonSchema] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+    "ContentPart": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}},
+        "additionalProperties": True,
+    },
+    "Message": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string"},
+            "content": {"type": ["string", "array", "null"], "items": _ref("ContentPart")},
+        },
+        "additionalProperties": True,
+    },
+    "ChatCompletionRequest": _request_body(
+        {"messages": {"type": "array", "minItems": 1, "items": _ref("Message")}},
+        {**_STREAM_FIELDS, **CHAT_FIELDS},
+    ),
+    "CompletionRequest": _request_body(
+        {"prompt": TEXT_OR_TOKENS}, {**_STREAM_FIELDS, **COMPLETION_FIELDS}
+    ),
+    "EmbeddingRequest": _request_body(
+        {"input": TEXT_OR_TOKENS},
+        {"encoding_format": {"enum": ["float", "base64", None]}, **EMBEDDING_FIELDS},
+    ),
+    # Replies are the node's, with ``model`` set to the requested name, so
+    # only their outline is given.
+    "NodeReply": {
+        "type": "object",
+        "description": "The node's OpenAI reply; `model` is the name the client requested.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "model": {"type": "string"},
+            "choices": {"type": "array"},
+            "data": {"type": "array"},
+            "usage": {"type": ["object", "null"]},
+        },
+        "additionalProperties": True,
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "queued", "nodes"],
+        "properties": {
+            "status": {"enum": ["ok", "unavailable"]},
+            "queued": {"type": "integer", "description": "Requests waiting for a free node."},
+            "nodes": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "kind", "url", "healthy", "models"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kind": {"enum": ["llamacpp", "ollama", "openai"]},
+                        "url": {"type": "string"},
+                        "healthy": {"type": "boolean"},
+                        "models": {"type": "array", "items": {"type": "string"}},
+                    },
+                    "additionalProperties": True,
+                },
+            },
+        },
+    },
+    "RouteExplanation": {
+        "type": "object",
+        "required": ["model", "policy", "chosen", "candidates", "lower_score_wins"],
+        "properties": {
+            "model": {"type": "string"},
+            "policy": {"type": "string"},
+            "chosen": {"type": ["string", "null"]},
+            "candidates": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["node", "score", "signals"],
+                    "properties": {
+                        "node": {"type": "string"},
+                        "score": {
+                            "type": ["number", "null"],
+                            "description": "A cost, lower wins; null when the node cannot "
+                            "take the request.",
+                        },
+                        "signals": {"type": "object"},
+                    },
+                },
+            },
+            "lower_score_wins": {"const": True},
+        },
+    },
+}
+
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait."}}
+_ERROR = _ref("Error")
+
+RESPONSES: dict[str, JsonSchema] = {
+    "BadRequest": _json(_ERROR, "Malformed JSON, or a missing or invalid field."),
+    "ModelNotFound": _json(_ERROR, "No node serves the model; `code` is `model_not_found`."),
+    "PayloadTooLarge": _json(_ERROR, "The body is larger than the router's max_body_bytes."),
+    "QueueFull": _json(
+        _ERROR,
+        "Too many requests wait for the model; `code` is `queue_full`.",
+        headers=_RETRY_AFTER,
+    ),
+    "BadGateway": _json(_ERROR, "Every node tried failed or could not be reached."),
+    "NoNodeAvailable": _json(
+        _ERROR,
+        "No healthy node serves the model, or none became free within queue_timeout_s.",
+        headers=_RETRY_AFTER,
+    ),
+    "NodeError": _json(_ERROR, "Another 4xx error that a node returned, with the node's status."),
+}
+
+_ROUTING_HEADERS = [
+    {
+        "name": "x-sollol-policy",
+        "in": "header",
+        "required": False,
+        "description": "Routing policy for this request; empty means the configured default.",
+        "schema": {"enum": ["", *sorted(POLICY_IDS)]},
+    },
+    {
+        "name": "x-sollol-priority",
+        "in": "header",
+        "required": False,
+        "description": "Queue priority from 1 to 10 when the body has no `priority` field.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 10},
+    },
+]
+_REPLY_HEADERS = {
+    "x-sollol-node": {"schema": {"type": "string"}, "description": "The node that replied."},
+    "x-sollol-policy": {"schema": {"type": "string"}, "description": "The policy that chose it."},
+}
+
+
+def _generating_operation(summary: str, body_schema: str, *, streams: bool) -> JsonSchema:
+    content: JsonSchema = {"application/json": {"schema": _ref("NodeReply")}}
+    if streams:
+        # One server-sent event, the way schemathesis reads a schema for
+        # text/event-stream; OpenAPI 3.2 calls this the itemSchema.
+        content["text/event-stream"] = {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {
+                        "type": "string",
+                        "description": "A chunk as JSON; the last event's data is [DONE].",
+                    }
+                },
+            },
+        }
+    return {
+        "summary": summary,
+        "parameters": _ROUTING_HEADERS,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body_schema)}},
+        },
+        "responses": {
+            "200": {
+                "description": "The node's reply.",
+                "headers": _REPLY_HEADERS,
+                "content": content,
+            },
+            "400": _response_ref("BadRequest"),
+            "404": _response_ref("ModelNotFound"),
+            "413": _response_ref("PayloadTooLarge"),
+            "429": _response_ref("QueueFull"),
+            "502": _response_ref("BadGateway"),
+            "503": _response_ref("NoNodeAvailable"),
+            "4XX": _response_ref("NodeError"),
+        },
+    }
+
+
+def _query(name: str, schema: JsonSchema, description: str, required: bool = False) -> JsonSchema:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_NON_NEGATIVE = {"type": "number", "minimum": 0}
+
+OPERATIONS: dict[tuple[str, str], JsonSchema] = {
+    ("/health", "GET"): {
+        "summary": "Nodes with their health, models and routing signals",
+        "responses": {
+            "200": _json(_ref("Health"), "At least one node is healthy."),
+            "503": _json(_ref("Health"), "No node is healthy."),
+        },
+    },
+    ("/sollol/route", "GET"): {
+        "summary": "The node the router would choose now, without sending anything",
+        "parameters": [
+            _query("model", {"type": "string", "minLength": 1}, "Model to route.", True),
+            _query("policy", {"enum": ["", *sorted(POLICY_IDS)]}, "Empty: the default policy."),
+            _query("task", {"enum": list(TASKS)}, "Kind of request (default chat)."),
+            _query("prompt_tokens", _NON_NEGATIVE, "Prompt length in tokens (default 0)."),
+            _query("max_tokens", _NON_NEGATIVE, "Output limit (default 256, 0 for embedding)."),
+            _query("priority", {"type": "integer", "minimum": 1, "maximum": 10}, "Default 5."),
+        ],
+        "responses": {
+            "200": _json(_ref("RouteExplanation"), "The choice and every candidate's score."),
+            "400": _response_ref("BadRequest"),
+            "404": _response_ref("ModelNotFound"),
+        },
+    },
+    ("/v1/chat/completions", "POST"): _generating_operation(
+        "Chat completion, streamed or not", "ChatCompletionRequest", streams=True
+    ),
+    ("/v1/completions", "POST"): _generating_operation(
+        "Text completion, streamed or not", "CompletionRequest", streams=True
+    ),
+    ("/v1/embeddings", "POST"): _generating_operation(
+        "Embeddings as floats or base64", "EmbeddingRequest", streams=False
+    ),
+    ("/v1/models", "GET"): {
+        "summary": "Models of the healthy nodes",
+        "responses": {"200": _json(_ref("ModelList"), "The models.")},
+    },
+    ("/v1/models/{model}", "GET"): {
+        "summary": "One model of the healthy nodes",
+        "parameters": [
+            {
+                "name": "model",
+                "in": "path",
+                "required": True,
+                "description": "Model id; it may contain '/'.",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "responses": {
+            "200": _json(_ref("Model"), "The model."),
+            "404": _response_ref("ModelNotFound"),
+        },
+    },
+    (OPENAPI_PATH, "GET"): {
+        "summary": "This description",
+        "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")},
+    },
+}
+
+
+def route_operations(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, str]]:
+    """Yield (OpenAPI path, method) for each method of each route.
+
+    Starlette adds HEAD to every GET route; it is left out of the description.
+    """
+    for route in routes:
+        if not isinstance(route, Route):
+            raise TypeError(f"cannot describe route {route!r}: only plain Routes are supported")
+        # "/v1/models/{model:path}" becomes "/v1/models/{model}".
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            yield path, method
+
+
+def openapi_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
+    """Build the OpenAPI document for ``routes``.
+
+    Raises LookupError when a route has no entry in ``OPERATIONS`` or an entry
+    has no route.
+    """
+    paths: dict[str, dict[str, JsonSchema]] = {}
+    described = set()
+    for path, method in route_operations(routes):
+        operation = OPERATIONS.get((path, method))
+        if operation is None:
+            raise LookupError(f"route {method} {path} has no entry in sollol.openapi.OPERATIONS")
+        paths.setdefault(path, {})[method.lower()] = operation
+        described.add((path, method))
+    unrouted = sorted(set(OPERATIONS) - described)
+    if unrouted:
+        listed = ", ".join(f"{method} {path}" for path, method in unrouted)
+        raise LookupError(f"sollol.openapi.OPERATIONS describes routes the app lacks: {listed}")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "SOLLOL",
+            "version": __version__,
+            "description": "An OpenAI-compatible router in front of llama.cpp and Ollama nodes. "
+            "Every error reply has the OpenAI shape "
+            '{"error": {"message", "type", "param", "code"}}.',
+        },
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "responses": RESPONSES},
+    }
+
+
+def openapi_route() -> Route:
+    """Return the ``GET /openapi.json`` route, which describes the app it is mounted in."""
+
+    async def openapi(request: Request) -> Response:
+        document = openapi_document(request.app.routes)
+        return Response(orjson.dumps(document), media_type="application/json")
+
+    return Route(OPENAPI_PATH, openapi, methods=["GET"])
