@@ -71,6 +71,8 @@ class Settings:
     port: int = 8000
     database_url: str = "sqlite:///sollol-history.db"
     max_body_bytes: int = 16 * 1024 * 1024
+    # Larger request heads (request line and headers) get 431. The default is Hypercorn's.
+    max_header_bytes: int = 16 * 1024
     health_interval_s: float = 5.0
     connect_timeout_s: float = 5.0
     # Maximum silence between two reads from a node. A long prompt's prefill

@@ -13,9 +13,12 @@ from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import openai_error_body
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("sollol.access")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -43,6 +46,7 @@ async def serve_app(
     *,
     shutdown_event: asyncio.Event,
     graceful_timeout_s: float = 10.0,
+    max_header_bytes: int = 16 * 1024,
 ) -> None:
     """Serve ``app`` on ``sock`` until ``shutdown_event`` is set.
 
@@ -51,10 +55,70 @@ async def serve_app(
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
+    # h11 rejects a request head with 431 when it is still incomplete after a
+    # read and longer than this. That bounds the memory one head can take,
+    # since no head over max_header_bytes + one read gets through, and
+    # HeaderSizeLimit makes the limit exact for the heads that do. HTTP/2
+    # advertises the same number as SETTINGS_MAX_HEADER_LIST_SIZE.
+    # NOTE: only the HTTP/1.1 limit is tested.
+    config.h11_max_incomplete_size = max_header_bytes
+    config.h2_max_header_list_size = max_header_bytes
     config.keep_alive_timeout = 75
     config.accesslog = None  # SOLLOL writes its own access line per request
     config.errorlog = logging.getLogger("hypercorn.error")
-    await serve(app, config, shutdown_trigger=shutdown_event.wait)  # type: ignore[arg-type]
+    limited = HeaderSizeLimit(app, max_header_bytes=max_header_bytes)
+    await serve(limited, config, shutdown_trigger=shutdown_event.wait)  # type: ignore[arg-type]
+
+
+class HeaderSizeLimit:
+    """Reject with 431 a request whose head is larger than ``max_header_bytes``.
+
+    The head is counted as HTTP/1.1 sends it: the request line, then each
+    header as ``name: value`` and CRLF. Hypercorn's own check only sees heads
+    that span more than one read of up to 64 KiB, so smaller ones need this.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = request_head_bytes(scope)
+        if size <= self.max_header_bytes:
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"request line and headers of {size} bytes exceed the limit of "
+            f"{self.max_header_bytes} bytes (max_header_bytes)"
+        )
+        access_log.info("%s %s status=431 error=%s", scope["method"], scope["path"], message)
+        body = openai_error_body(message, "invalid_request_error")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 431,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def request_head_bytes(scope: Scope) -> int:
+    """Return the size of the request line and headers as HTTP/1.1 writes them."""
+    target = len(scope.get("raw_path") or scope["path"].encode())
+    if scope["query_string"]:
+        target += 1 + len(scope["query_string"])
+    # "METHOD TARGET HTTP/1.1\r\n", then "name: value\r\n" per header, then "\r\n".
+    size = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n") + 2
+    for name, value in scope["headers"]:
+        size += len(name) + 2 + len(value) + 2
+    return size
 
 
 def install_signal_handlers(shutdown_event: asyncio.Event) -> None:

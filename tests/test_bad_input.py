@@ -2,11 +2,14 @@
 
 In-process tests go through httpx.ASGITransport to an app whose one node is
 a fake that serves every request, so a valid request always succeeds and a
-rejected one was rejected by the router.
+rejected one was rejected by the router. The header-size tests use a router
+process on a real socket, since that limit is applied where Hypercorn serves
+the app, outside the app itself.
 """
 
 import contextlib
 import json
+import socket
 
 import httpx
 import openai
@@ -18,6 +21,7 @@ from sollol.app import create_app
 from sollol.config import NodeConfig, NodeKind, Settings
 from sollol.request_fields import MAX_TOKEN_ID
 from tests.support.fake_node import FakeOpenAINode
+from tests.support.fixtures import RouterProcess
 
 MAX_BODY_BYTES = 64 * 1024
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
@@ -450,3 +454,125 @@ async def test_sdk_passes_extra_body_to_node(sdk, fake_node):
     assert reply.model == "tiny"
     assert received_body(fake_node)["top_k"] == 5
 
+
+# -- header size, on a real socket ---------------------------------------------
+
+MAX_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def header_limited_router(fake_node, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("header-limit")
+    config = workdir / "sollol.toml"
+    config.write_text(
+        "\n".join(
+            [
+                "[server]",
+                'host = "127.0.0.1"',
+                "port = 0",
+                f'database_url = "sqlite:///{workdir / "history.db"}"',
+                f"max_header_bytes = {MAX_HEADER_BYTES}",
+                "",
+                "[[nodes]]",
+                'name = "fake"',
+                'kind = "openai"',
+                f'url = "{fake_node.url}"',
+                'models = ["tiny"]',
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    router = RouterProcess(config, workdir / "router.log").start()
+    try:
+        yield router
+    finally:
+        router.stop()
+
+
+def raw_exchange(base_url: str, request: bytes) -> bytes:
+    """Send raw bytes on a new connection and return all bytes until the server closes it."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        try:
+            connection.sendall(request)
+            while chunk := connection.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            # The server may close while part of a refused request is unread.
+            pass
+    return received
+
+
+def head_request(padding_bytes: int) -> bytes:
+    return (
+        b"GET /health HTTP/1.1\r\nHost: router\r\nConnection: close\r\n"
+        + b"X-Padding: "
+        + b"a" * padding_bytes
+        + b"\r\n\r\n"
+    )
+
+
+def head_of_size(size: int) -> bytes:
+    request = head_request(size - len(head_request(0)))
+    assert len(request) == size
+    return request
+
+
+def status_and_body(reply: bytes) -> tuple[bytes, bytes]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], body
+
+
+def test_oversized_header_is_431(header_limited_router):
+    reply = raw_exchange(header_limited_router.base_url, head_request(2 * MAX_HEADER_BYTES))
+    status_line, body = status_and_body(reply)
+    assert status_line.startswith(b"HTTP/1.1 431 "), reply[:300]
+    error = orjson.loads(body)["error"]
+    assert "max_header_bytes" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_head_size_limit_is_exact(header_limited_router):
+    at_limit = raw_exchange(header_limited_router.base_url, head_of_size(MAX_HEADER_BYTES))
+    over_limit = raw_exchange(header_limited_router.base_url, head_of_size(MAX_HEADER_BYTES + 1))
+    assert status_and_body(at_limit)[0].startswith(b"HTTP/1.1 200 "), at_limit[:300]
+    assert status_and_body(over_limit)[0].startswith(b"HTTP/1.1 431 "), over_limit[:300]
+
+
+def test_header_larger_than_one_read_is_431(header_limited_router):
+    """Hypercorn itself rejects a head it cannot read at once, before the app receives it."""
+    reply = raw_exchange(header_limited_router.base_url, head_request(256 * 1024))
+    assert status_and_body(reply)[0].startswith(b"HTTP/1.1 431 "), reply[:300]
+
+
+def test_router_serves_after_oversized_header(header_limited_router):
+    for padding_bytes in (2 * MAX_HEADER_BYTES, 256 * 1024):
+        raw_exchange(header_limited_router.base_url, head_request(padding_bytes))
+    response = httpx.post(
+        header_limited_router.base_url + "/v1/chat/completions", json=CHAT, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "tiny"
+
+
+def test_header_under_limit_is_served(header_limited_router):
+    reply = raw_exchange(header_limited_router.base_url, head_request(MAX_HEADER_BYTES // 2))
+    assert status_and_body(reply)[0].startswith(b"HTTP/1.1 200 "), reply[:300]
+
+
+def test_many_headers_over_limit_are_431(header_limited_router):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 40) for i in range(200))
+    request = b"GET /health HTTP/1.1\r\nHost: router\r\nConnection: close\r\n" + headers + b"\r\n"
+    reply = raw_exchange(header_limited_router.base_url, request)
+    assert status_and_body(reply)[0].startswith(b"HTTP/1.1 431 "), reply[:300]
+
+
+def test_long_query_counts_toward_limit(header_limited_router):
+    query = b"model=" + b"m" * MAX_HEADER_BYTES
+    request = (
+        b"GET /sollol/route?" + query + b" HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n"
+    )
+    reply = raw_exchange(header_limited_router.base_url, request)
+    assert status_and_body(reply)[0].startswith(b"HTTP/1.1 431 "), reply[:300]
