@@ -15,6 +15,7 @@ from starlette.routing import Route
 from .cluster import Cluster
 from .config import Settings
 from .errors import SollolError, openai_error_body
+from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
 from .openai_api import OpenAIRoutes
 from .openapi import openapi_route
@@ -38,6 +39,14 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         settings.nodes,
         default_policy=settings.routing_policy,
         node_queue_per_slot=settings.node_queue_per_slot,
+        health_policy=HealthPolicy(
+            evict_after=settings.evict_after_failures,
+            recover_after=settings.recover_after_successes,
+            breaker_failures=settings.breaker_failures,
+            open_s=settings.breaker_open_s,
+            max_open_s=settings.breaker_max_open_s,
+        ),
+        progress_window_s=settings.health_interval_s + settings.connect_timeout_s,
     )
     scheduler = Scheduler(
         signals=cluster.signals.matrix,
@@ -50,7 +59,6 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     cluster.on_capacity = scheduler.wake  # type: ignore[method-assign]
     client = UpstreamClient(
         connect_timeout_s=settings.connect_timeout_s,
-        read_timeout_s=settings.read_timeout_s,
         max_connections=settings.max_upstream_connections,
     )
     history = HistoryWriter(create_history_engine(settings.database_url))
@@ -92,6 +100,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
                 "models": sorted(node.models),
                 "served": node.served_total,
                 "last_error": node.last_error,
+                **node.health.describe(),
                 **cluster.signals.row(node.index),
             }
             for node in cluster.nodes

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import NodeConfig, NodeKind
+from .health import HealthPolicy, NodeHealth
 from .routing.engine import Decision, NodeSignals, RoutingEngine
 from .routing.features import RequestFeatures
 from .routing.layout import COL_IN_FLIGHT, COL_SLOTS_TOTAL, MODEL_FITS, MODEL_LOADED
@@ -23,18 +24,26 @@ from .upstream import UpstreamClient, UpstreamConnectionError
 log = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+LOADING = "loading"  # llama-server's /health says 503 while it loads the model
 
 
 @dataclass(slots=True)
 class Node:
     config: NodeConfig
     index: int
-    healthy: bool = False
+    health: NodeHealth
     # Set from the config, else from the node's model listing.
     models: frozenset[str] = frozenset()
     last_error: str | None = None
     checked_at: float = 0.0
+    # When a reply from this node last delivered bytes (time.monotonic()).
+    last_progress_at: float = 0.0
     served_total: int = field(default=0)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the node gets new requests: up, and its breaker lets them through."""
+        return self.health.routable()
 
     @property
     def name(self) -> str:
@@ -56,11 +65,21 @@ class Cluster:
         *,
         default_policy: str = "predicted_latency",
         node_queue_per_slot: float = 1.0,
+        health_policy: HealthPolicy | None = None,
+        progress_window_s: float = 10.0,
     ) -> None:
         # Requests a node may hold per slot: one running, the rest in its own queue.
         self.capacity_per_slot = 1.0 + node_queue_per_slot
+        health_policy = health_policy or HealthPolicy()
+        # A node that delivered bytes this recently is alive whatever its probe says.
+        self.progress_window_s = progress_window_s
         self.nodes = [
-            Node(config=config, index=index, models=frozenset(config.models))
+            Node(
+                config=config,
+                index=index,
+                health=NodeHealth(health_policy),
+                models=frozenset(config.models),
+            )
             for index, config in enumerate(nodes)
         ]
         self.signals = NodeSignals(len(self.nodes))
@@ -112,6 +131,9 @@ class Cluster:
 
     def acquire(self, node: Node) -> None:
         self.signals.acquire(node.index)
+        if node.health.request_started():
+            # A half-open node takes one trial request at a time.
+            self._rebuild_candidates()
 
     def release(self, node: Node) -> None:
         self.signals.release(node.index)
@@ -126,25 +148,69 @@ class Cluster:
         """Called when a slot may have become free; the scheduler replaces it."""
 
     def healthy_models(self) -> list[str]:
+        """Models of the nodes that are up, including those behind an open breaker."""
         models: set[str] = set()
         for node in self.nodes:
-            if node.healthy:
+            if node.health.up:
                 models |= node.models
         return sorted(models)
 
     # -- health ----------------------------------------------------------
 
     def mark_unreachable(self, node: Node, error: str) -> None:
-        """Take a node out of rotation after a failed request; the next probe may restore it."""
-        if node.healthy:
-            log.warning("node %s marked unhealthy: %s", node.name, error)
-        node.healthy = False
+        """Take a node out of rotation after a refused connection; probes restore it."""
         node.last_error = error
-        self._rebuild_candidates()
+        if node.health.unreachable():
+            log.warning("node %s is unreachable, out of rotation: %s", node.name, error)
+            self._rebuild_candidates()
+
+    def request_succeeded(self, node: Node) -> None:
+        breaker = node.health.breaker
+        if node.health.request_succeeded():
+            log.info("node %s: breaker closed after a good trial request", node.name)
+            self._rebuild_candidates()
+        elif breaker is not node.health.breaker:
+            self._rebuild_candidates()
+
+    def request_failed(self, node: Node, error: str) -> None:
+        """Count a failed request (5xx, reset, timeout) against the node's breaker."""
+        node.last_error = error
+        if node.health.request_failed(time.monotonic()):
+            log.warning(
+                "node %s: breaker open for %.1f s after %d failed requests: %s",
+                node.name,
+                node.health.open_s,
+                node.health.request_failures,
+                error,
+            )
+            self._rebuild_candidates()
+            self._schedule_half_open(node)
+
+    def request_abandoned(self, node: Node) -> None:
+        if node.health.request_abandoned():
+            self._rebuild_candidates()
+
+    def _schedule_half_open(self, node: Node) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (unit tests): the next refresh() moves it
+        loop.call_later(node.health.open_s, self._half_open_due)
+
+    def _half_open_due(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for node in self.nodes:
+            if node.health.half_open_if_due(now):
+                log.info("node %s: breaker half-open, next request is a trial", node.name)
+                changed = True
+        if changed:
+            self._rebuild_candidates()
 
     async def refresh(self, client: UpstreamClient, timeout_s: float) -> None:
         """Probe every node once, concurrently, and update health and model lists."""
         await asyncio.gather(*(self._probe(client, node, timeout_s) for node in self.nodes))
+        self._half_open_due()
         self._rebuild_candidates()
 
     async def run_health_loop(
@@ -155,23 +221,37 @@ class Cluster:
             await self.refresh(client, timeout_s)
 
     async def _probe(self, client: UpstreamClient, node: Node, timeout_s: float) -> None:
-        was_healthy = node.healthy
+        was_up = node.health.up
         try:
             healthy, models, detail = await _probe_node(client, node, timeout_s)
         except UpstreamConnectionError as exc:
             healthy, models, detail = False, None, str(exc)
-        node.checked_at = time.monotonic()
-        node.healthy = healthy
-        node.last_error = None if healthy else detail
+        now = time.monotonic()
+        node.checked_at = now
+        if healthy:
+            node.health.probe_ok()
+            node.last_error = None
+        elif detail == LOADING:
+            node.health.probe_loading()
+            node.last_error = detail
+        else:
+            streaming = (
+                self.signals.in_flight(node.index) > 0
+                and now - node.last_progress_at < self.progress_window_s
+            )
+            node.health.probe_failed(streaming=streaming)
+            node.last_error = detail
+            if streaming:
+                log.info("node %s: probe failed while it streams; kept: %s", node.name, detail)
         if models is not None and not node.config.models:
             node.models = frozenset(models)
         if healthy:
             await self._read_load_signals(client, node, timeout_s)
-        if healthy != was_healthy:
-            if healthy:
-                log.info("node %s is healthy, serving %s", node.name, sorted(node.models))
+        if node.health.up != was_up:
+            if node.health.up:
+                log.info("node %s is up, serving %s", node.name, sorted(node.models))
             else:
-                log.warning("node %s is unhealthy: %s", node.name, detail)
+                log.warning("node %s is down: %s", node.name, detail)
 
     async def _read_load_signals(
         self, client: UpstreamClient, node: Node, timeout_s: float
@@ -250,7 +330,7 @@ async def _probe_node(
     if node.kind is NodeKind.LLAMACPP:
         status, _ = await client.get(node.url + "/health", timeout_s=timeout_s, pooled=pooled)
         if status != 200:
-            return False, None, "loading" if status == 503 else f"/health returned HTTP {status}"
+            return False, None, LOADING if status == 503 else f"/health returned HTTP {status}"
     elif node.kind is NodeKind.OLLAMA:
         status, _ = await client.get(node.url + "/api/version", timeout_s=timeout_s)
         if status != 200:

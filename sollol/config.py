@@ -75,10 +75,24 @@ class Settings:
     max_header_bytes: int = 16 * 1024
     health_interval_s: float = 5.0
     connect_timeout_s: float = 5.0
-    # Maximum silence between two reads from a node. A long prompt's prefill
-    # on a CPU node can take minutes before the first byte.
-    read_timeout_s: float = 600.0
+    # Wait for a node's first token (for a non-streamed reply: the whole
+    # reply). A long prompt's prefill on a CPU node can take minutes.
+    first_token_timeout_s: float = 300.0
+    # Longest silence between two reads once a stream has started.
+    idle_timeout_s: float = 60.0
+    total_timeout_s: float = 1800.0
+    # A stream waiting this long for its node gets an SSE comment line, so
+    # clients and proxies in between keep the connection open.
+    keepalive_interval_s: float = 10.0
     max_attempts: int = 2
+    # Health: failed probes in a row that take a node out, good ones that
+    # bring it back; failed requests in a row that open its breaker, and how
+    # long it stays open before one trial request (doubled per failed trial).
+    evict_after_failures: int = 3
+    recover_after_successes: int = 2
+    breaker_failures: int = 3
+    breaker_open_s: float = 2.0
+    breaker_max_open_s: float = 60.0
     retry_after_s: int = 2
     max_upstream_connections: int = 256
     # round_robin | least_loaded | sollol_heuristic | predicted_latency

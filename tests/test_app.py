@@ -64,7 +64,7 @@ def mark_healthy(app, name: str) -> None:
     cluster = app.state.cluster
     for node in cluster.nodes:
         if node.name == name:
-            node.healthy = True
+            node.health.probe_ok()
     cluster._rebuild_candidates()
 
 

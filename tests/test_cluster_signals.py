@@ -63,7 +63,7 @@ async def test_deferred_defaults_to_zero(text):
 
 async def test_other_clients_load_counts_as_queue():
     cluster = llama_node()
-    cluster.nodes[0].healthy = True
+    cluster.nodes[0].health.probe_ok()
     client = CannedClient(
         {
             "/props": {"total_slots": 2, "endpoint_metrics": True},
