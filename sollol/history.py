@@ -9,6 +9,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -41,7 +42,7 @@ requests_table = Table(
     Column("node", String(256), nullable=True, doc="None when no node was chosen"),
     Column("stream", Boolean, nullable=False),
     Column("status", Integer, nullable=False, doc="HTTP status sent to the client"),
-    Column("outcome", String(32), nullable=False, doc="ok | error | cancelled"),
+    Column("outcome", String(32), nullable=False, doc="ok | error | timeout | cancelled"),
     Column("error", String(512), nullable=True),
     Column("attempts", Integer, nullable=False),
     Column("prompt_tokens", Integer, nullable=True),
@@ -79,6 +80,25 @@ class RequestRecord:
     # signals and are not stored.
     node_ttft_ms: float | None = None
     node_decode_tps: float | None = None
+
+    def read_usage(self, reply: dict[str, Any]) -> None:
+        """Copy token counts, and llama-server's timings when present, from a reply or chunk."""
+        timings = reply.get("timings")
+        if isinstance(timings, dict):
+            prompt_ms = timings.get("prompt_ms")
+            decode_tps = timings.get("predicted_per_second")
+            if isinstance(prompt_ms, int | float):
+                self.node_ttft_ms = float(prompt_ms)
+            if isinstance(decode_tps, int | float):
+                self.node_decode_tps = float(decode_tps)
+        usage = reply.get("usage")
+        if isinstance(usage, dict):
+            prompt_tokens = usage.get("prompt_tokens")
+            completion_tokens = usage.get("completion_tokens")
+            if isinstance(prompt_tokens, int):
+                self.prompt_tokens = prompt_tokens
+            if isinstance(completion_tokens, int):
+                self.completion_tokens = completion_tokens
 
 
 def create_history_engine(database_url: str) -> Engine:

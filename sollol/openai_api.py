@@ -307,6 +307,7 @@ class OpenAIRoutes:
                 stream=stream,
                 policy=policy,
                 queue_ms=queue_ms,
+                disconnected=functools.partial(_disconnected, request),
             )
         )
 

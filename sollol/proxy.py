@@ -1,43 +1,49 @@
-"""Forwarding one OpenAI request to a node, with failover before the first byte.
+"""Forwarding one OpenAI request to a node, with failover until the first byte.
+
+Until anything of the reply has reached the client, a failed attempt moves
+on to another node serving the model: a refused or reset connection, no
+first token within ``first_token_timeout_s``, a 5xx, or a stream whose first
+event is an error. A 4xx is the node's judgement of the request and goes
+back to the client as it is. Streams are relayed by ``streaming.StreamRelay``.
 
 The reply is rewritten on its way back: ``model`` becomes the name the client
-asked for (nodes report their own alias or file name), and token usage is read
-for the history. Streams are relayed event by event as they arrive.
+asked for (nodes report their own alias or file name), and token usage is
+read for the history.
 """
 
+import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from .cluster import Cluster, Node
 from .config import NodeKind, Settings
 from .errors import (
+    ClientClosedError,
     NoNodeAvailableError,
     SollolError,
     UpstreamError,
-    openai_error_body,
     upstream_error_from_reply,
 )
 from .history import HistoryWriter, RequestRecord
 from .routing.engine import Decision
 from .routing.features import RequestFeatures
 from .sse import Event, SSEParser
+from .streaming import StreamRelay
 from .upstream import UpstreamClient, UpstreamConnectionError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sollol.access")
 
-_DONE_EVENT = b"data: [DONE]\n\n"
 # The history keeps the scores of this many best candidates per request.
 MAX_EXPLAINED_CANDIDATES = 8
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(slots=True)
@@ -49,11 +55,35 @@ class ProxyRequest:
     stream: bool = False
     policy: str | None = None  # None: the configured default
     queue_ms: float = 0.0
+    # Returns once the client has hung up; lets a non-streamed request stop
+    # its node when nobody is waiting for the reply any more.
+    disconnected: Callable[[], Awaitable[None]] | None = None
 
     @property
     def client_wants_usage(self) -> bool:
         options = self.body.get("stream_options")
         return isinstance(options, dict) and options.get("include_usage") is True
+
+
+@dataclass(slots=True)
+class Opened:
+    """A node that accepted the request: its whole body, or a stream and its first events."""
+
+    node: Node
+    body: bytes = b""
+    stack: AsyncExitStack | None = None
+    upstream: UpstreamResponse | None = None
+    parser: SSEParser | None = None
+    first_events: list[Event] | None = None
+
+
+class _FailedAttempt(Exception):
+    """One node could not serve the request; another may."""
+
+    def __init__(self, error: SollolError, *, unreachable: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.unreachable = unreachable
 
 
 class Proxy:
@@ -80,54 +110,53 @@ class Proxy:
             priority=request.features.priority,
         )
         started = time.perf_counter()
-        try:
-            node, stack, upstream = await self._open(request, record)
-        except SollolError as exc:
-            record.status = exc.status_code
-            record.outcome = "error"
-            record.error = exc.message[:512]
-            self._finish(record, started)
-            exc.recorded = True
-            raise
-
         if request.stream:
-            relay = StreamRelay(self, request, record, node, stack, upstream, started)
-            headers = {
-                **_STREAM_HEADERS,
-                "x-sollol-node": node.name,
-                "x-sollol-policy": record.policy or "",
-            }
-            return RelayResponse(relay, headers=headers)
+            return await StreamRelay(self, request, record, started).response()
 
         try:
-            async with stack:
-                body = await upstream.read()
-        except UpstreamConnectionError as exc:
-            record.status, record.outcome, record.error = 502, "error", str(exc)[:512]
-            self._finish(record, started, node)
-            error = UpstreamError(f"node {node.name} failed while replying: {exc}")
-            error.recorded = True
-            raise error from exc
+            opened = await self._open_until_disconnect(request, record, started)
+        except SollolError as exc:
+            self.fail(record, started, exc)
+            raise
         except BaseException:
             record.outcome = "cancelled"
-            self._finish(record, started)
+            self.finish(record, started)
             raise
-        finally:
-            self.cluster.release(node)
-        content = self._rewrite_reply(body, request, record)
-        self._finish(record, started, node, request)
-        headers = {"x-sollol-node": node.name, "x-sollol-policy": record.policy or ""}
+        content = self._rewrite_reply(opened.body, request, record)
+        self.finish(record, started, opened.node, request)
+        headers = {"x-sollol-node": opened.node.name, "x-sollol-policy": record.policy or ""}
         return Response(content, media_type="application/json", headers=headers)
 
-    async def _open(
-        self, request: ProxyRequest, record: RequestRecord
-    ) -> tuple[Node, AsyncExitStack, UpstreamResponse]:
-        """Send the request to a node and wait for its status line, failing over on errors.
+    async def _open_until_disconnect(
+        self, request: ProxyRequest, record: RequestRecord, started: float
+    ) -> Opened:
+        """Wait for the whole reply, or stop the node's work as soon as the client hangs up.
 
-        Connection failures and 5xx responses move on to another node serving
-        the model, up to ``max_attempts`` nodes. A 4xx response is the node's
-        judgement of the request, so it is returned at once. On success the chosen node
-        stays acquired and the returned stack owns the open upstream response.
+        The ASGI server does not cancel a handler whose client left, so the
+        disconnect is watched here; cancelling the attempt closes the upstream
+        connection, which is what makes the node stop generating.
+        """
+        if request.disconnected is None:
+            return await self.open(request, record, started)
+        attempt = asyncio.ensure_future(self.open(request, record, started))
+        hangup = asyncio.ensure_future(request.disconnected())
+        try:
+            await asyncio.wait({attempt, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            if not attempt.done():
+                attempt.cancel()
+                # Let the attempt close its upstream connection before going on.
+                await asyncio.wait({attempt})
+        if attempt.cancelled():
+            raise ClientClosedError("the client disconnected before the reply was ready")
+        return attempt.result()
+
+    async def open(self, request: ProxyRequest, record: RequestRecord, started: float) -> Opened:
+        """Try nodes until one accepts the request, up to ``max_attempts`` of them.
+
+        On success the node stays acquired when a stream is returned (its
+        relay releases it), and is released when a whole body is returned.
         """
         payload = self._upstream_payload(request)
         tried: set[int] = set()
@@ -145,50 +174,93 @@ class Proxy:
             record.policy = decision.policy
             record.scores = self._explain(decision)
             self.cluster.acquire(node)
-            stack = AsyncExitStack()
             try:
-                upstream = await stack.enter_async_context(
-                    self.client.post(
-                        node.url + request.route, payload, pooled=_pools_connections(node)
-                    )
-                )
-                if upstream.status == 200:
-                    return node, stack, upstream
-                error_body = await upstream.read()
-                await stack.aclose()
-            except UpstreamConnectionError as exc:
-                await stack.aclose()
+                opened = await self._attempt(node, request, payload, started)
+            except _FailedAttempt as failure:
                 self.cluster.release(node)
                 self.cluster.signals.observe(node.index, ok=False)
-                if exc.connect_failed:
-                    # Only a node that cannot be connected to leaves rotation;
-                    # a connection that broke in use may be a one-off.
-                    self.cluster.mark_unreachable(node, str(exc))
-                last_error = UpstreamError(f"node {node.name} could not be reached: {exc}")
-                log.warning("attempt on node %s failed: %s", node.name, exc)
+                if failure.unreachable:
+                    self.cluster.mark_unreachable(node, failure.error.message)
+                else:
+                    self.cluster.request_failed(node, failure.error.message)
+                last_error = failure.error
+                log.warning("attempt on node %s failed: %s", node.name, failure.error.message)
                 continue
-            except BaseException:
-                await stack.aclose()
+            except UpstreamError as exc:  # a 4xx: the request itself is wrong
                 self.cluster.release(node)
+                self.cluster.request_succeeded(node)
+                exc.headers["x-sollol-node"] = node.name
                 raise
-            self.cluster.release(node)
-            error = upstream_error_from_reply(upstream.status, error_body, node.name)
-            self.cluster.signals.observe(node.index, ok=upstream.status < 500)
-            if upstream.status < 500:
-                error.headers["x-sollol-node"] = node.name
-                raise error
-            last_error = error
-            log.warning("attempt on node %s failed with HTTP %d", node.name, upstream.status)
+            except BaseException:
+                self.cluster.release(node)
+                self.cluster.request_abandoned(node)
+                raise
+            if not request.stream:
+                self.cluster.release(node)
+            return opened
 
         if last_error is not None:
             raise last_error
         raise NoNodeAvailableError(
             f"no node can serve model '{request.model}' right now: every node serving it is "
-            "unhealthy or lacks memory for it; GET /health shows their state",
+            "unhealthy, has its breaker open, or lacks memory for it; GET /health shows "
+            "their state",
             retry_after_s=self.settings.retry_after_s,
         )
 
-    def _observe(self, node: Node, record: RequestRecord) -> None:
+    async def _attempt(
+        self, node: Node, request: ProxyRequest, payload: bytes, started: float
+    ) -> Opened:
+        """Send the request to one node and wait for its first token (or whole body)."""
+        timeout_s = min(
+            self.settings.first_token_timeout_s,
+            self.settings.total_timeout_s - (time.perf_counter() - started),
+        )
+        stack = AsyncExitStack()
+        try:
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                upstream = await stack.enter_async_context(
+                    self.client.post(
+                        node.url + request.route, payload, pooled=_pools_connections(node)
+                    )
+                )
+                if upstream.status != 200:
+                    error_body = await upstream.read()
+                    await stack.aclose()
+                    error = upstream_error_from_reply(upstream.status, error_body, node.name)
+                    if upstream.status < 500:
+                        raise error
+                    raise _FailedAttempt(error)
+                if not request.stream:
+                    body = await upstream.read()
+                    await stack.aclose()
+                    return Opened(node, body=body)
+                parser = SSEParser()
+                first_events = await _first_events(upstream, parser, node)
+                return Opened(
+                    node, stack=stack, upstream=upstream, parser=parser, first_events=first_events
+                )
+        except TimeoutError:
+            await stack.aclose()
+            raise _FailedAttempt(
+                UpstreamError(
+                    f"node {node.name} sent no first token within {timeout_s:.1f} s "
+                    "(first_token_timeout_s)",
+                    status_code=504,
+                    code="upstream_timeout",
+                )
+            ) from None
+        except UpstreamConnectionError as exc:
+            await stack.aclose()
+            raise _FailedAttempt(
+                UpstreamError(f"node {node.name} could not be reached: {exc}"),
+                unreachable=exc.connect_failed,
+            ) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    def observe(self, node: Node, record: RequestRecord) -> None:
         ok = record.outcome == "ok" and record.status < 500
         ttft_ms = record.ttft_ms if record.ttft_ms is not None else record.node_ttft_ms
         self.cluster.signals.observe(
@@ -226,12 +298,22 @@ class Proxy:
             return body
         if not isinstance(reply, dict):
             return body
-        _read_usage(reply, record)
+        record.read_usage(reply)
         if "model" in reply:
             reply["model"] = request.model
         return orjson.dumps(reply)
 
-    def _finish(
+    def fail(self, record: RequestRecord, started: float, error: SollolError) -> None:
+        """Record a request that ended with an error response and no reply from a node."""
+        record.status = error.status_code
+        record.outcome = "timeout" if error.code == "upstream_timeout" else "error"
+        if isinstance(error, ClientClosedError):
+            record.outcome = "cancelled"
+        record.error = error.message[:512]
+        self.finish(record, started)
+        error.recorded = True
+
+    def finish(
         self,
         record: RequestRecord,
         started: float,
@@ -240,9 +322,11 @@ class Proxy:
     ) -> None:
         record.latency_ms = (time.perf_counter() - started) * 1000.0
         if node is not None and record.outcome != "cancelled":
-            self._observe(node, record)
-            if record.outcome == "ok" and request is not None:
-                self.cluster.engine.remember_prefix(request.features, node.index)
+            self.observe(node, record)
+            if record.outcome == "ok":
+                self.cluster.request_succeeded(node)
+                if request is not None:
+                    self.cluster.engine.remember_prefix(request.features, node.index)
         self.history.record(record)
         access_log.info(
             "%s model=%s node=%s status=%d outcome=%s attempts=%d latency_ms=%.1f "
@@ -260,112 +344,45 @@ class Proxy:
         )
 
 
-class StreamRelay:
-    """One streamed reply: relays the node's SSE events and cleans up exactly once."""
+async def _first_events(upstream: UpstreamResponse, parser: SSEParser, node: Node) -> list[Event]:
+    """Read a stream up to its first data event, which must not be an error.
 
-    def __init__(
-        self,
-        proxy: Proxy,
-        request: ProxyRequest,
-        record: RequestRecord,
-        node: Node,
-        stack: AsyncExitStack,
-        upstream: UpstreamResponse,
-        started: float,
-    ) -> None:
-        self._proxy = proxy
-        self._request = request
-        self._record = record
-        self._node = node
-        self._stack = stack
-        self._upstream = upstream
-        self._started = started
-        self._closed = False
-        # Until the stream ends by itself, a close means the client went away.
-        record.outcome = "cancelled"
-        record.status = 200
-
-    async def events(self):  # type: ignore[no-untyped-def]
-        parser = SSEParser()
-        try:
-            async for chunk in self._upstream.iter_chunks():
-                # Events completed by one network read go out in one write:
-                # nothing waits for later reads, and the server is not asked
-                # for one send per event.
-                out = b"".join(self._rewrite_all(parser.feed(chunk)))
-                if out:
-                    if self._record.ttft_ms is None:
-                        self._record.ttft_ms = (time.perf_counter() - self._started) * 1000.0
-                    yield out
-        except UpstreamConnectionError as exc:
-            # The client already has part of the reply, so no other node can
-            # take over. End with an error event and no [DONE], which the
-            # OpenAI SDK raises as APIError.
-            self._record.outcome = "error"
-            self._record.error = f"node failed mid-stream: {exc}"[:512]
-            message = f"node {self._node.name} failed in the middle of the stream: {exc}"
-            yield b"data: " + openai_error_body(message, "upstream_error") + b"\n\n"
-            return
-        out = b"".join(self._rewrite_all(parser.finish()))
-        if out:
-            yield out
-        if parser.pending.strip():
-            log.warning("node %s ended its stream inside an event", self._node.name)
-        if self._record.outcome == "cancelled":
-            self._record.outcome = "ok"
-
-    def _rewrite_all(self, events: list[Event]) -> list[bytes]:
-        rewritten = (self._rewrite(event) for event in events)
-        return [out for out in rewritten if out is not None]
-
-    def _rewrite(self, event: Event) -> bytes | None:
-        data = event.data
-        if data is None:
-            return event.raw  # comment lines such as llama-server's keep-alive pings
-        if data == b"[DONE]":
-            return _DONE_EVENT
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event.raw
-        if not isinstance(chunk, dict):
-            return event.raw
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            self._record.outcome = "error"
-            self._record.error = str(message)[:512]
-            return event.raw
-        _read_usage(chunk, self._record)
-        if not self._request.client_wants_usage and chunk.get("choices") == []:
-            return None
-        if "model" in chunk:
-            chunk["model"] = self._request.model
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._stack.aclose()
-        finally:
-            self._proxy.cluster.release(self._node)
-            self._proxy._finish(self._record, self._started, self._node, self._request)
+    Comment lines before it (llama-server's keep-alive pings) are kept. An
+    error as the first event means nothing was generated, so another node
+    may still serve the request.
+    """
+    events: list[Event] = []
+    while True:
+        chunk = await upstream.next_chunk()
+        if not chunk:
+            events.extend(parser.finish())
+            return events
+        node.last_progress_at = time.monotonic()
+        # Events after the first data event in the same read are kept too.
+        events.extend(parser.feed(chunk))
+        first_data = next((event.data for event in events if event.data is not None), None)
+        if first_data is not None:
+            message = error_message(first_data)
+            if message is not None:
+                raise _FailedAttempt(
+                    UpstreamError(f"node {node.name} failed before its first token: {message}")
+                )
+            return events
 
 
-class RelayResponse(StreamingResponse):
-    """A streaming response that always closes its relay, even if never iterated."""
-
-    def __init__(self, relay: StreamRelay, *, headers: dict[str, str]) -> None:
-        super().__init__(relay.events(), headers=headers, media_type="text/event-stream")
-        self._relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._relay.close()
+def error_message(data: bytes) -> str | None:
+    """Return the message of an SSE data payload that is an OpenAI error, else None."""
+    if not data.startswith(b'{"error"') and b'"error"' not in data[:32]:
+        return None
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(chunk, dict) or "error" not in chunk:
+        return None
+    error = chunk["error"]
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message)
 
 
 def _finite(value: float) -> float | None:
@@ -392,23 +409,3 @@ def _pools_connections(node: Node) -> bool:
     request to a llama-server node gets a connection of its own.
     """
     return node.kind is not NodeKind.LLAMACPP
-
-
-def _read_usage(reply: dict[str, Any], record: RequestRecord) -> None:
-    """Copy token counts, and llama-server's timings when present, into ``record``."""
-    timings = reply.get("timings")
-    if isinstance(timings, dict):
-        prompt_ms = timings.get("prompt_ms")
-        decode_tps = timings.get("predicted_per_second")
-        if isinstance(prompt_ms, int | float):
-            record.node_ttft_ms = float(prompt_ms)
-        if isinstance(decode_tps, int | float):
-            record.node_decode_tps = float(decode_tps)
-    usage = reply.get("usage")
-    if isinstance(usage, dict):
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
-        if isinstance(prompt_tokens, int):
-            record.prompt_tokens = prompt_tokens
-        if isinstance(completion_tokens, int):
-            record.completion_tokens = completion_tokens

@@ -95,7 +95,7 @@ def test_node_killed_mid_stream_ends_with_error_event(doomed_cluster):
         time.sleep(0.1)
     assert row is not None
     assert row[0] == "error"
-    assert "mid-stream" in row[1]
+    assert "failed in the middle of the stream" in row[1]
 
 
 def test_sdk_raises_on_mid_stream_failure(doomed_cluster):

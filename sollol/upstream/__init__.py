@@ -41,22 +41,23 @@ class UpstreamResponse:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamConnectionError(_describe(exc)) from exc
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body in pieces as they arrive, without waiting to fill a buffer."""
+    async def next_chunk(self) -> bytes:
+        """Return the next piece of the body as soon as it arrives; b"" at its end.
+
+        Safe to cancel, e.g. by ``asyncio.timeout``: bytes that arrive
+        meanwhile stay buffered for the next call. The caller owns the read
+        timeouts, which differ before and after the first token.
+        """
         try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            return await self._response.content.readany()
+        except aiohttp.ClientError as exc:
             raise UpstreamConnectionError(_describe(exc)) from exc
 
 
 class UpstreamClient:
-    def __init__(
-        self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int
-    ) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
+    def __init__(self, *, connect_timeout_s: float, max_connections: int) -> None:
+        # Only the connect timeout is aiohttp's; the proxy times the reply.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None

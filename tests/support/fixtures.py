@@ -5,6 +5,7 @@ need llama.cpp fail, never skip, when its binaries are missing.
 """
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -121,17 +122,23 @@ class RouterProcess:
         return self.process.returncode
 
 
-def write_router_config(path: Path, *, database_path: Path, nodes: list[dict]) -> Path:
-    lines = [
-        "[server]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        f'database_url = "sqlite:///{database_path}"',
-        "health_interval_s = 1.0",
+def write_router_config(
+    path: Path, *, database_path: Path, nodes: list[dict], server: dict | None = None
+) -> Path:
+    """Write a router config; ``server`` adds or overrides [server] settings."""
+    settings = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "database_url": f"sqlite:///{database_path}",
+        "health_interval_s": 1.0,
         # Queue in the router as soon as every slot is busy, so tests can fill it.
-        "node_queue_per_slot = 0.0",
-        "",
-    ]
+        "node_queue_per_slot": 0.0,
+        **(server or {}),
+    }
+    lines = ["[server]"]
+    for key, value in settings.items():
+        lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+    lines.append("")
     for node in nodes:
         lines += [
             "[[nodes]]",
@@ -169,3 +176,26 @@ def router(
         yield process
     finally:
         process.stop()
+
+
+def history_rows(database_path: Path, count: int, timeout_s: float = 5.0) -> list[dict]:
+    """Wait until the history holds ``count`` rows and return them, oldest first.
+
+    The router writes rows from a background thread in batches, so a test
+    waits for them rather than reading once.
+    """
+    deadline = time.monotonic() + timeout_s
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        if database_path.exists():
+            with sqlite3.connect(database_path) as connection:
+                connection.row_factory = sqlite3.Row
+                try:
+                    found = connection.execute("SELECT * FROM requests ORDER BY id").fetchall()
+                except sqlite3.OperationalError:  # the table is not created yet
+                    found = []
+            rows = [dict(row) for row in found]
+            if len(rows) >= count:
+                return rows
+        time.sleep(0.05)
+    pytest.fail(f"expected {count} history rows within {timeout_s} s, found {len(rows)}: {rows}")

@@ -15,7 +15,6 @@ import asyncio
 import base64
 import hashlib
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +22,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .threaded_server import ThreadedServer
 
 VERSION = "0.12.6"
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
@@ -53,50 +54,16 @@ class DoubleModel:
         }
 
 
-@dataclass
-class OllamaDouble:
+@dataclass(eq=False)
+class OllamaDouble(ThreadedServer):
     models: list[DoubleModel] = field(default_factory=lambda: [DoubleModel("llama3.2:latest")])
     tokens_per_s: float = 500.0
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    url: str = ""
 
     def __post_init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        ThreadedServer.__init__(self)
 
-    # -- lifecycle -------------------------------------------------------
-
-    def start(self) -> "OllamaDouble":
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("Ollama double did not start within 10 s")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(10)
-
-    def _serve(self, ready: threading.Event) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        self._runner = web.AppRunner(self._app(), access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        ready.set()
-        self._loop.run_forever()
-        self._loop.close()
-
-    def _app(self) -> web.Application:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/", self._root)
         app.router.add_get("/api/version", self._version)
