@@ -8,63 +8,129 @@ OpenAI shapes (SSE with ``data: [DONE]``, ``system_fingerprint: "fp_ollama"``).
 The test suite checks it with the real ``ollama`` client and the OpenAI SDK.
 
 Replies are deterministic: words picked by a hash of the prompt, one word per
-token, produced at ``tokens_per_s``.
+token. The prompt is evaluated at ``prompt_tokens_per_s`` (one token per
+word) and the reply produced at ``tokens_per_s``. Models load, queue and
+unload as ``ModelScheduler`` describes, and ``faults`` injects failures.
 """
 
 import asyncio
-import base64
 import hashlib
-import struct
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from .ollama_double_openai import OpenAILayer
+from .ollama_double_reply import (
+    DEFAULT_PREDICT,
+    EMBEDDING_DIMENSIONS,
+    InjectedError,
+    LazyStream,
+    Timings,
+    collect_text,
+    embedding,
+    json_response,
+    native_error,
+    now_rfc3339,
+    openai_error,
+    reset_connection,
+    timestamp_rfc3339,
+)
+from .ollama_double_state import (
+    BUSY_MESSAGE,
+    DEFAULT_KEEP_ALIVE_S,
+    DoubleModel,
+    Faults,
+    ModelScheduler,
+    ServerBusyError,
+    parse_keep_alive,
+)
 from .threaded_server import ThreadedServer
+
+__all__ = ["EMBEDDING_DIMENSIONS", "DoubleModel", "Faults", "OllamaDouble"]
 
 VERSION = "0.12.6"
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
-EMBEDDING_DIMENSIONS = 16
-DEFAULT_PREDICT = 12
-
-
-@dataclass
-class DoubleModel:
-    name: str
-    size_bytes: int = 2_000_000_000
-    family: str = "llama"
-    parameter_size: str = "3.2B"
-    quantization_level: str = "Q4_K_M"
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.name.encode()).hexdigest()
-
-    def details(self) -> dict[str, Any]:
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": self.family,
-            "families": [self.family],
-            "parameter_size": self.parameter_size,
-            "quantization_level": self.quantization_level,
-        }
 
 
 @dataclass(eq=False)
-class OllamaDouble(ThreadedServer):
+class OllamaDouble(OpenAILayer, ThreadedServer):
+    """An Ollama server on 127.0.0.1; keyword arguments mirror Ollama's settings.
+
+    ``parallel`` is OLLAMA_NUM_PARALLEL (slots per loaded model), ``max_queue``
+    is OLLAMA_MAX_QUEUE (requests that may wait, across all models) and
+    ``max_loaded_models`` is OLLAMA_MAX_LOADED_MODELS. ``memory_bytes``, if
+    set, also caps the total size of the loaded models. ``preloaded`` names
+    the models in memory at start. ``faults`` may be replaced while the
+    double runs. Each request reads it once, so no request mixes two settings.
+
+    Counters readable from any thread: ``active`` (POST handlers still
+    running; it falls when a client disconnects), ``in_flight``, ``queued``,
+    ``max_seen_in_flight`` and ``requests`` (path and body of each request).
+    """
+
     models: list[DoubleModel] = field(default_factory=lambda: [DoubleModel("llama3.2:latest")])
     tokens_per_s: float = 500.0
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    prompt_tokens_per_s: float = 10_000.0
+    preloaded: list[str] = field(default_factory=list)
+    parallel: int = 1
+    max_queue: int = 512
+    max_loaded_models: int | None = None
+    memory_bytes: int | None = None
+    faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
         ThreadedServer.__init__(self)
+        self.scheduler = ModelScheduler(
+            parallel=self.parallel,
+            max_queue=self.max_queue,
+            max_loaded_models=self.max_loaded_models,
+            memory_bytes=self.memory_bytes,
+        )
+        for name in self.preloaded:
+            model = self._model(name)
+            if model is None:
+                raise ValueError(f"preloaded model {name!r} is not in models")
+            self.scheduler.preload(model)
+        # POST requests whose handler still runs, by id() because aiohttp
+        # requests are not hashable.
+        self._open_requests: dict[int, web.Request] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self._open_requests)
+
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
+
+    @property
+    def max_seen_in_flight(self) -> int:
+        return self.scheduler.max_seen_in_flight
+
+    def stop(self) -> None:
+        # A stopped server drops the connections it still serves; otherwise
+        # aiohttp's shutdown would wait for stalled replies to end.
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._reset_open_requests)
+        super().stop()
+
+    def _reset_open_requests(self) -> None:
+        for request in list(self._open_requests.values()):
+            reset_connection(request)
 
     def make_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_active])
         app.router.add_get("/", self._root)
         app.router.add_get("/api/version", self._version)
         app.router.add_get("/api/tags", self._tags)
@@ -78,6 +144,20 @@ class OllamaDouble(ThreadedServer):
         app.router.add_get("/v1/models", self._openai_models)
         return app
 
+    @web.middleware
+    async def _count_active(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        self._open_requests[id(request)] = request
+        try:
+            return await handler(request)
+        finally:
+            del self._open_requests[id(request)]
+
     # -- helpers ---------------------------------------------------------
 
     def _model(self, name: str) -> DoubleModel | None:
@@ -86,13 +166,13 @@ class OllamaDouble(ThreadedServer):
     async def _read(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         if not raw:
-            raise _native_error(400, "missing request body")
+            raise native_error(400, "missing request body")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise _native_error(400, str(exc)) from None
+            raise native_error(400, str(exc)) from None
         if not isinstance(body, dict):
-            raise _native_error(400, "json: cannot unmarshal into Go value of type api.Request")
+            raise native_error(400, "json: cannot unmarshal into Go value of type api.Request")
         self.requests.append((request.path, body))
         return body
 
@@ -100,10 +180,65 @@ class OllamaDouble(ThreadedServer):
         digest = hashlib.sha256(prompt.encode()).digest()
         return [WORDS[digest[i % len(digest)] % len(WORDS)] for i in range(count)]
 
-    async def _produce(self, prompt: str, count: int):  # type: ignore[no-untyped-def]
-        for index, word in enumerate(self._words(prompt, count)):
-            await asyncio.sleep(1.0 / self.tokens_per_s)
-            yield word if index == 0 else " " + word
+    @asynccontextmanager
+    async def _scheduled(
+        self,
+        model: DoubleModel,
+        keep_alive_s: float,
+        faults: Faults,
+        *,
+        openai: bool,
+        slot: bool = True,
+    ) -> AsyncIterator[int]:
+        """Hold ``model`` and a slot for one request, and yield the load wait in nanoseconds."""
+        try:
+            if faults.busy_503:
+                raise ServerBusyError(BUSY_MESSAGE)
+            async with self.scheduler.use(model, keep_alive_s, slot=slot) as load_ns:
+                yield load_ns
+        except ServerBusyError:
+            if openai:
+                raise openai_error(503, "api_error", BUSY_MESSAGE) from None
+            raise native_error(503, BUSY_MESSAGE) from None
+
+    async def _generate(
+        self,
+        request: web.Request,
+        model: DoubleModel,
+        prompt: str,
+        timings: Timings,
+        keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+        *,
+        openai: bool,
+    ) -> AsyncGenerator[str, None]:
+        """Yield reply pieces and fill ``timings``, injecting the faults set at the start."""
+        faults = self.faults
+        async with self._scheduled(model, keep_alive_s, faults, openai=openai) as load_ns:
+            timings.load_ns = load_ns
+            prompt_started = time.perf_counter_ns()
+            await asyncio.sleep(timings.prompt_tokens / self.prompt_tokens_per_s)
+            eval_started = time.perf_counter_ns()
+            timings.prompt_eval_ns = eval_started - prompt_started
+            fault = faults.first_piece_fault()
+            strike_at = min(fault[1], timings.max_tokens) if fault else None
+            for index, word in enumerate(self._words(prompt, timings.max_tokens)):
+                if index == strike_at:
+                    break
+                await asyncio.sleep(1.0 / self.tokens_per_s)
+                timings.produced += 1
+                timings.eval_ns = time.perf_counter_ns() - eval_started
+                yield word if index == 0 else " " + word
+            if fault is not None:
+                await self._strike(request, fault[0], timings.produced)
+
+    async def _strike(self, request: web.Request, fault: str, produced: int) -> None:
+        if fault == "error_mid_stream":
+            raise InjectedError(f"model runner failed after {produced} pieces (injected fault)")
+        if fault == "reset_after":
+            reset_connection(request)
+        # The slot stays taken, as by a hung runner, until the client leaves
+        # and aiohttp cancels this handler.
+        await asyncio.Event().wait()
 
     # -- native API ------------------------------------------------------
 
@@ -111,7 +246,7 @@ class OllamaDouble(ThreadedServer):
         return web.Response(text="Ollama is running")
 
     async def _version(self, request: web.Request) -> web.Response:
-        return _json({"version": VERSION})
+        return json_response({"version": VERSION})
 
     async def _tags(self, request: web.Request) -> web.Response:
         entries = [
@@ -125,32 +260,58 @@ class OllamaDouble(ThreadedServer):
             }
             for model in self.models
         ]
-        return _json({"models": entries})
+        return json_response({"models": entries})
 
     async def _ps(self, request: web.Request) -> web.Response:
-        return _json({"models": []})
+        now = time.time()
+        # Ollama lists the model that expires last first.
+        loaded = sorted(self.scheduler.loaded(), key=lambda e: e.expires_at(now), reverse=True)
+        entries = [
+            {
+                "name": entry.model.name,
+                "model": entry.model.name,
+                "size": entry.model.size_bytes,
+                "digest": entry.model.digest,
+                "details": entry.model.details(),
+                "expires_at": timestamp_rfc3339(entry.expires_at(now)),
+                "size_vram": entry.size_vram_bytes,
+                "context_length": entry.model.context_length,
+            }
+            for entry in loaded
+        ]
+        return json_response({"models": entries})
 
     async def _native_chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read(request)
         model = self._require_native_model(body, not_found="model '{}' not found")
-        prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [])
-        return await self._native_reply(request, body, model, prompt, chat=True)
+        messages = body.get("messages") or []
+        prompt = " ".join(str(m.get("content", "")) for m in messages)
+        return await self._native_reply(
+            request, body, model, prompt, chat=True, load_only=not messages
+        )
 
     async def _native_generate(self, request: web.Request) -> web.StreamResponse:
         body = await self._read(request)
         model = self._require_native_model(body, not_found="model '{}' not found")
+        prompt = str(body.get("prompt") or "")
         return await self._native_reply(
-            request, body, model, str(body.get("prompt", "")), chat=False
+            request, body, model, prompt, chat=False, load_only=not prompt
         )
 
     def _require_native_model(self, body: dict[str, Any], *, not_found: str) -> DoubleModel:
         name = body.get("model")
         if not name:
-            raise _native_error(400, "model is required")
+            raise native_error(400, "model is required")
         model = self._model(str(name))
         if model is None:
-            raise _native_error(404, not_found.format(name))
+            raise native_error(404, not_found.format(name))
         return model
+
+    def _native_keep_alive(self, body: dict[str, Any]) -> float:
+        try:
+            return parse_keep_alive(body.get("keep_alive"))
+        except ValueError as exc:
+            raise native_error(400, str(exc)) from None
 
     async def _native_reply(
         self,
@@ -160,16 +321,12 @@ class OllamaDouble(ThreadedServer):
         prompt: str,
         *,
         chat: bool,
+        load_only: bool,
     ) -> web.StreamResponse:
-        options = body.get("options") or {}
-        count = int(options.get("num_predict", DEFAULT_PREDICT))
-        if count < 0:
-            count = DEFAULT_PREDICT
-        started = time.perf_counter_ns()
-        prompt_tokens = max(1, len(prompt.split()))
+        keep_alive_s = self._native_keep_alive(body)
 
         def piece_line(text: str, done: bool) -> dict[str, Any]:
-            line: dict[str, Any] = {"model": model.name, "created_at": _now()}
+            line: dict[str, Any] = {"model": model.name, "created_at": now_rfc3339()}
             if chat:
                 line["message"] = {"role": "assistant", "content": text}
             else:
@@ -177,217 +334,69 @@ class OllamaDouble(ThreadedServer):
             line["done"] = done
             return line
 
-        def final_line(produced: int, text: str) -> dict[str, Any]:
+        if load_only:
+            # A request with no prompt or messages only loads the model, or
+            # unloads it with keep_alive 0, and gets one JSON object back.
+            if keep_alive_s == 0:
+                self.scheduler.expire_now(model.name)
+            else:
+                async with self._scheduled(
+                    model, keep_alive_s, self.faults, openai=False, slot=False
+                ):
+                    pass
+            reason = "unload" if keep_alive_s == 0 else "load"
+            return json_response({**piece_line("", True), "done_reason": reason})
+
+        options = body.get("options") or {}
+        count = int(options.get("num_predict", DEFAULT_PREDICT))
+        if count < 0:
+            count = DEFAULT_PREDICT
+        timings = Timings(prompt_tokens=max(1, len(prompt.split())), max_tokens=count)
+        pieces = self._generate(request, model, prompt, timings, keep_alive_s, openai=False)
+
+        def final_line(text: str) -> dict[str, Any]:
             line = piece_line(text, True)
-            elapsed = time.perf_counter_ns() - started
-            line.update(
-                done_reason="length" if produced >= count else "stop",
-                total_duration=elapsed,
-                prompt_eval_count=prompt_tokens,
-                prompt_eval_duration=max(1, elapsed // 10),
-                eval_count=produced,
-                eval_duration=max(1, elapsed - elapsed // 10),
-            )
+            line.update(done_reason=timings.done_reason, **timings.metrics())
             return line
 
         if body.get("stream") is False:
-            pieces = [piece async for piece in self._produce(prompt, count)]
-            return _json(final_line(len(pieces), "".join(pieces)))
+            text = await collect_text(pieces, openai=False)
+            return json_response(final_line(text))
 
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        produced = 0
-        async for piece in self._produce(prompt, count):
-            produced += 1
-            await response.write(orjson.dumps(piece_line(piece, False)) + b"\n")
-        await response.write(orjson.dumps(final_line(produced, "")) + b"\n")
-        await response.write_eof()
-        return response
+        stream = LazyStream(request, "application/x-ndjson")
+        try:
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    await stream.write(orjson.dumps(piece_line(piece, False)) + b"\n")
+        except InjectedError as exc:
+            if not stream.started:
+                raise native_error(500, str(exc)) from None
+            # Ollama reports an error after the first byte as a last line
+            # {"error": "..."}; the status stays 200.
+            await stream.write(orjson.dumps({"error": str(exc)}) + b"\n")
+            return await stream.finish()
+        await stream.write(orjson.dumps(final_line("")) + b"\n")
+        return await stream.finish()
 
     async def _native_embed(self, request: web.Request) -> web.Response:
         body = await self._read(request)
         model = self._require_native_model(
             body, not_found='model "{}" not found, try pulling it first'
         )
+        keep_alive_s = self._native_keep_alive(body)
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts or []
         if not all(isinstance(text, str) for text in texts):
-            raise _native_error(400, "invalid input type")
-        return _json(
+            raise native_error(400, "invalid input type")
+        started_ns = time.perf_counter_ns()
+        async with self._scheduled(model, keep_alive_s, self.faults, openai=False) as load_ns:
+            embeddings = [embedding(text) for text in texts]
+        return json_response(
             {
                 "model": model.name,
-                "embeddings": [_embedding(text) for text in texts],
-                "total_duration": 1000,
+                "embeddings": embeddings,
+                "total_duration": time.perf_counter_ns() - started_ns,
+                "load_duration": load_ns,
                 "prompt_eval_count": sum(len(text.split()) for text in texts),
             }
         )
-
-    # -- OpenAI-compatible layer -----------------------------------------
-
-    async def _read_openai(self, request: web.Request) -> tuple[dict[str, Any], DoubleModel]:
-        try:
-            body = await self._read(request)
-        except web.HTTPException as exc:
-            raise _openai_error(400, "invalid_request_error", exc.text or "invalid body") from None
-        model = self._model(str(body.get("model")))
-        if model is None:
-            raise _openai_error(404, "not_found_error", f'model "{body.get("model")}" not found')
-        return body, model
-
-    async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
-        body, model = await self._read_openai(request)
-        messages = body.get("messages") or []
-        if not messages:
-            raise _openai_error(400, "invalid_request_error", "[] is too short - 'messages'")
-        prompt = " ".join(str(m.get("content", "")) for m in messages)
-        return await self._openai_reply(request, body, model, prompt, chat=True)
-
-    async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
-        body, model = await self._read_openai(request)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise _openai_error(400, "invalid_request_error", "prompt must be a string")
-        return await self._openai_reply(request, body, model, prompt, chat=False)
-
-    async def _openai_reply(
-        self,
-        request: web.Request,
-        body: dict[str, Any],
-        model: DoubleModel,
-        prompt: str,
-        *,
-        chat: bool,
-    ) -> web.StreamResponse:
-        count = int(body.get("max_tokens") or DEFAULT_PREDICT)
-        prompt_tokens = max(1, len(prompt.split()))
-        reply_id = ("chatcmpl-" if chat else "cmpl-") + str(len(self.requests) % 999)
-        kind = "chat.completion" if chat else "text_completion"
-        base = {
-            "id": reply_id,
-            "created": int(time.time()),
-            "model": model.name,
-            "system_fingerprint": "fp_ollama",
-        }
-
-        def usage(produced: int) -> dict[str, int]:
-            return {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": produced,
-                "total_tokens": prompt_tokens + produced,
-            }
-
-        if not body.get("stream"):
-            pieces = [piece async for piece in self._produce(prompt, count)]
-            text = "".join(pieces)
-            finish = "length" if len(pieces) >= count else "stop"
-            choice = (
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                }
-                if chat
-                else {"index": 0, "text": text, "finish_reason": finish}
-            )
-            return _json({**base, "object": kind, "choices": [choice], "usage": usage(len(pieces))})
-
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk_kind = kind + ".chunk" if chat else kind
-
-        async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-            event = {**base, "object": chunk_kind, "choices": choices, **(extra or {})}
-            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
-
-        produced = 0
-        async for piece in self._produce(prompt, count):
-            delta = {"role": "assistant", "content": piece} if chat else None
-            choice = (
-                {"index": 0, "delta": delta, "finish_reason": None}
-                if chat
-                else {"index": 0, "text": piece, "finish_reason": None}
-            )
-            await send([choice])
-            produced += 1
-        finish = "length" if produced >= count else "stop"
-        await send(
-            [{"index": 0, "delta": {}, "finish_reason": finish}]
-            if chat
-            else [{"index": 0, "text": "", "finish_reason": finish}]
-        )
-        options = body.get("stream_options") or {}
-        if options.get("include_usage"):
-            await send([], {"usage": usage(produced)})
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    async def _openai_embeddings(self, request: web.Request) -> web.Response:
-        body, model = await self._read_openai(request)
-        texts = body.get("input")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
-            raise _openai_error(400, "invalid_request_error", "invalid input type")
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise _openai_error(
-                400, "invalid_request_error", f"invalid encoding_format {encoding!r}"
-            )
-        data = []
-        for index, text in enumerate(texts):
-            vector = _embedding(text)
-            value: Any = vector
-            if encoding == "base64":
-                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            data.append({"object": "embedding", "embedding": value, "index": index})
-        tokens = sum(len(text.split()) for text in texts)
-        return _json(
-            {
-                "object": "list",
-                "data": data,
-                "model": model.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
-
-    async def _openai_models(self, request: web.Request) -> web.Response:
-        data = [
-            {"id": model.name, "object": "model", "created": 1_761_991_200, "owned_by": "library"}
-            for model in self.models
-        ]
-        return _json({"object": "list", "data": data})
-
-
-def _json(body: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _native_error(status: int, message: str) -> web.HTTPException:
-    return _status_error(status, orjson.dumps({"error": message}))
-
-
-def _openai_error(status: int, error_type: str, message: str) -> web.HTTPException:
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": None}}
-    return _status_error(status, orjson.dumps(body))
-
-
-_ERRORS_BY_STATUS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest,
-    404: web.HTTPNotFound,
-    503: web.HTTPServiceUnavailable,
-}
-
-
-def _status_error(status: int, body: bytes) -> web.HTTPException:
-    return _ERRORS_BY_STATUS[status](text=body.decode(), content_type="application/json")
-
-
-def _embedding(text: str) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    vector = [(byte - 127.5) / 127.5 for byte in digest[:EMBEDDING_DIMENSIONS]]
-    norm = sum(value * value for value in vector) ** 0.5 or 1.0
-    return [value / norm for value in vector]
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
