@@ -225,6 +225,14 @@ def test_preloaded_model_must_exist():
         OllamaDouble(models=[DoubleModel(MODEL)], preloaded=[OTHER])
 
 
+@pytest.mark.parametrize(
+    ("settings", "field"), [({"load_s": -1.0}, "load_s"), ({"parallel": 0}, "parallel")]
+)
+def test_model_rejects_invalid_settings(settings, field):
+    with pytest.raises(ValueError, match=field):
+        DoubleModel(MODEL, **settings)
+
+
 def test_swap_pays_load_again(start_double):
     models = [DoubleModel(MODEL, load_s=LOAD_S), DoubleModel(OTHER, load_s=LOAD_S)]
     double = start_double(models=models, max_loaded_models=1)

@@ -41,6 +41,12 @@ class DoubleModel:
     context_length: int = 4096
     parallel: int | None = None  # slots when loaded, or None for the double's ``parallel``
 
+    def __post_init__(self) -> None:
+        if self.load_s < 0:
+            raise ValueError(f"load_s of {self.name!r} must be >= 0, got {self.load_s}")
+        if self.parallel is not None and self.parallel < 1:
+            raise ValueError(f"parallel of {self.name!r} must be >= 1 or None, got {self.parallel}")
+
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.name.encode()).hexdigest()
