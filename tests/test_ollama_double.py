@@ -255,6 +255,31 @@ def test_eviction_takes_least_recently_used(start_double):
         assert sorted(loaded_names(client)) == ["a:latest", "c:latest"]
 
 
+def test_ollama_eviction_takes_shortest_keep_alive(start_double):
+    names = ["a:latest", "b:latest", "c:latest"]
+    double = start_double(
+        models=[DoubleModel(name) for name in names], max_loaded_models=2, eviction="ollama"
+    )
+    with client_for(double) as client:
+        client.generate(model="b:latest", prompt="hi", keep_alive="1h")
+        client.generate(model="a:latest", prompt="hi", keep_alive="1h")
+        client.generate(model="b:latest", prompt="hi", keep_alive="10m")
+        # b has the shorter keep_alive, though a is the least recently used.
+        client.generate(model="c:latest", prompt="hi")
+        assert sorted(loaded_names(client)) == ["a:latest", "c:latest"]
+
+        # With equal keep_alive the first name goes, though a was used last.
+        client.generate(model="c:latest", prompt="hi", keep_alive="1h")
+        client.generate(model="a:latest", prompt="hi", keep_alive="1h")
+        client.generate(model="b:latest", prompt="hi")
+        assert sorted(loaded_names(client)) == ["b:latest", "c:latest"]
+
+
+def test_unknown_eviction_rejected():
+    with pytest.raises(ValueError, match="eviction"):
+        OllamaDouble(eviction="random")
+
+
 def test_memory_bytes_evicts_to_fit(start_double):
     models = [
         DoubleModel(MODEL, size_bytes=3 * GIB),

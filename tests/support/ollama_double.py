@@ -64,7 +64,8 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
     ``parallel`` is OLLAMA_NUM_PARALLEL (slots per loaded model), ``max_queue``
     is OLLAMA_MAX_QUEUE (requests that may wait, across all models) and
     ``max_loaded_models`` is OLLAMA_MAX_LOADED_MODELS. ``memory_bytes``, if
-    set, also caps the total size of the loaded models. ``preloaded`` names
+    set, also caps the total size of the loaded models. ``eviction`` picks
+    the idle model that makes room: "lru" or Ollama's own rule, "ollama". ``preloaded`` names
     the models in memory at start. ``faults`` may be replaced while the
     double runs. Each request reads it once, so no request mixes two settings.
 
@@ -82,6 +83,7 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
     max_queue: int = 512
     max_loaded_models: int | None = None
     memory_bytes: int | None = None
+    eviction: str = "lru"
     faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,7 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
             max_queue=self.max_queue,
             max_loaded_models=self.max_loaded_models,
             memory_bytes=self.memory_bytes,
+            eviction=self.eviction,
         )
         for name in self.preloaded:
             model = self._model(name)

@@ -2,10 +2,10 @@
 
 Ollama keeps a model in memory for ``keep_alive`` after its last request.
 It serves up to OLLAMA_NUM_PARALLEL requests per loaded model at once and
-queues up to OLLAMA_MAX_QUEUE more, so further requests get 503. It loads one
-model at a time and, when a new model does not fit, first unloads the least
-recently used idle one. ``ModelScheduler`` simulates this inside the double's
-event loop and does no HTTP.
+queues up to OLLAMA_MAX_QUEUE more, so further requests get 503. When a new
+model does not fit, it first unloads an idle one. ``ModelScheduler`` simulates
+this inside the double's event loop, loading one model at a time, and does no
+HTTP.
 """
 
 import asyncio
@@ -23,6 +23,10 @@ DEFAULT_KEEP_ALIVE_S = 300.0  # OLLAMA_KEEP_ALIVE defaults to 5 minutes.
 # about 292 years), so such a model never expires.
 FOREVER_S = (2**63 - 1) / 1e9
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+# Which idle model makes room for another: the least recently used one, or the
+# one Ollama's scheduler picks (server/sched.go, findRunnerToUnload): the
+# shortest keep_alive first, then the first name in lexical order.
+EVICTIONS = ("lru", "ollama")
 
 _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
 _GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -159,6 +163,7 @@ class ModelScheduler:
         max_queue: int,
         max_loaded_models: int | None,
         memory_bytes: int | None,
+        eviction: str = "lru",
     ) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -166,20 +171,23 @@ class ModelScheduler:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_loaded_models is not None and max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be >= 1 or None, got {max_loaded_models}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
         self.parallel = parallel
         self.max_queue = max_queue
         self.max_loaded_models = max_loaded_models
         self.memory_bytes = memory_bytes
+        self.eviction = eviction
         self.in_flight = 0
         self.queued = 0
         self.max_seen_in_flight = 0
-        # Least recently used first, so eviction takes the first idle entry.
+        # Least recently used first, so "lru" eviction takes the first idle entry.
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._load_lock = asyncio.Lock()
         self._model_idle = asyncio.Event()
 
     def preload(self, model: DoubleModel) -> None:
-        """Load ``model`` at once, with no wait; for the models loaded at start."""
+        """Load ``model`` at once with no wait, as for the models loaded at start."""
         if not self._fits(model):
             raise ValueError(f"preloaded model {model.name!r} does not fit beside the others")
         self._add(model)
@@ -259,7 +267,7 @@ class ModelScheduler:
 
     async def _load(self, model: DoubleModel) -> LoadedModel:
         while not self._fits(model):
-            idle = next((entry for entry in self._loaded.values() if entry.users == 0), None)
+            idle = self._eviction_candidate()
             if idle is not None:
                 self._unload(idle.model.name)
                 continue
@@ -268,6 +276,12 @@ class ModelScheduler:
             await self._model_idle.wait()
         await asyncio.sleep(model.load_s)
         return self._add(model)
+
+    def _eviction_candidate(self) -> LoadedModel | None:
+        idle = [entry for entry in self._loaded.values() if entry.users == 0]
+        if not idle or self.eviction == "lru":
+            return idle[0] if idle else None
+        return min(idle, key=lambda entry: (entry.keep_alive_s, entry.model.name))
 
     def _add(self, model: DoubleModel) -> LoadedModel:
         size_vram = model.size_bytes
