@@ -338,16 +338,7 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
             return line
 
         if load_only:
-            # A request with no prompt or messages only loads the model, or
-            # unloads it with keep_alive 0, and gets one JSON object back.
-            if keep_alive_s == 0:
-                self.scheduler.expire_now(model.name)
-            else:
-                async with self._scheduled(
-                    model, keep_alive_s, self.faults, openai=False, slot=False
-                ):
-                    pass
-            reason = "unload" if keep_alive_s == 0 else "load"
+            reason = await self._load_or_unload(model, keep_alive_s)
             return json_response({**piece_line("", True), "done_reason": reason})
 
         options = body.get("options") or {}
@@ -375,11 +366,23 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
             if not stream.started:
                 raise native_error(500, str(exc)) from None
             # Ollama reports an error after the first byte as a last line
-            # {"error": "..."}; the status stays 200.
+            # {"error": "..."}, and the status stays 200.
             await stream.write(orjson.dumps({"error": str(exc)}) + b"\n")
             return await stream.finish()
         await stream.write(orjson.dumps(final_line("")) + b"\n")
         return await stream.finish()
+
+    async def _load_or_unload(self, model: DoubleModel, keep_alive_s: float) -> str:
+        """Load ``model``, or unload it if ``keep_alive_s`` is 0, and return the done_reason.
+
+        Ollama does this for a request with no prompt or messages, and
+        replies with one JSON object even when streaming.
+        """
+        if keep_alive_s == 0:
+            self.scheduler.expire_now(model.name)
+            return "unload"
+        async with self._scheduled(model, keep_alive_s, self.faults, openai=False, slot=False):
+            return "load"
 
     async def _native_embed(self, request: web.Request) -> web.Response:
         body = await self._read(request)
