@@ -24,7 +24,17 @@ from .upstream import UpstreamClient, UpstreamConnectionError
 log = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-LOADING = "loading"  # llama-server's /health says 503 while it loads the model
+LOADING = "loading"  # llama-server's /health returns 503 while it loads the model
+
+
+def model_key(name: str) -> str:
+    """Return the name the router knows a model by: Ollama's implicit ``:latest`` dropped.
+
+    Ollama treats ``llama3.2`` and ``llama3.2:latest`` as one model, and a
+    llama-server alias has no tag at all, so both forms of a name route to the
+    same nodes. Other tags (``qwen3:8b``) stay part of the name.
+    """
+    return name[: -len(":latest")] if name.endswith(":latest") else name
 
 
 @dataclass(slots=True)
@@ -32,13 +42,25 @@ class Node:
     config: NodeConfig
     index: int
     health: NodeHealth
-    # Set from the config, else from the node's model listing.
+    # Set from the config, else from the node's model listing, as model_key()s.
     models: frozenset[str] = frozenset()
+    # model_key() -> the name the node itself uses, sent in requests to it.
+    own_names: dict[str, str] = field(default_factory=dict)
+    # model_key() -> the node's own listing entry (/api/tags or /v1/models).
+    listing: dict[str, dict] = field(default_factory=dict)
+    # Ollama nodes: the models loaded now, as /api/ps lists them.
+    ps_entries: list[dict] = field(default_factory=list)
     last_error: str | None = None
     checked_at: float = 0.0
     # When a reply from this node last delivered bytes (time.monotonic()).
     last_progress_at: float = 0.0
+    # Non-streamed requests the router is waiting on from this node.
+    unary_in_flight: int = 0
     served_total: int = field(default=0)
+
+    def set_models(self, names: Iterable[str]) -> None:
+        self.own_names = {model_key(name): name for name in names}
+        self.models = frozenset(self.own_names)
 
     @property
     def healthy(self) -> bool:
@@ -74,14 +96,11 @@ class Cluster:
         # A node that delivered bytes this recently is alive whatever its probe says.
         self.progress_window_s = progress_window_s
         self.nodes = [
-            Node(
-                config=config,
-                index=index,
-                health=NodeHealth(health_policy),
-                models=frozenset(config.models),
-            )
+            Node(config=config, index=index, health=NodeHealth(health_policy))
             for index, config in enumerate(nodes)
         ]
+        for node in self.nodes:
+            node.set_models(node.config.models)
         self.signals = NodeSignals(len(self.nodes))
         for node in self.nodes:
             self.signals.set_static(
@@ -244,7 +263,8 @@ class Cluster:
             if streaming:
                 log.info("node %s: probe failed while it streams; kept: %s", node.name, detail)
         if models is not None and not node.config.models:
-            node.models = frozenset(models)
+            node.set_models(models)
+            node.listing = {model_key(name): entry for name, entry in models.items()}
         if healthy:
             await self._read_load_signals(client, node, timeout_s)
         if node.health.up != was_up:
@@ -277,12 +297,13 @@ class Cluster:
             elif node.kind is NodeKind.OLLAMA:
                 status, body = await client.get(node.url + "/api/ps", timeout_s=timeout_s)
                 if status == 200 and isinstance(body, dict):
-                    loaded = {
-                        entry.get("name")
-                        for entry in body.get("models") or []
-                        if isinstance(entry, dict)
-                    }
-                    self._set_loaded(node, {name for name in loaded if isinstance(name, str)})
+                    node.ps_entries = [
+                        entry for entry in body.get("models") or [] if isinstance(entry, dict)
+                    ]
+                    loaded = {entry.get("name") for entry in node.ps_entries}
+                    self._set_loaded(
+                        node, {model_key(name) for name in loaded if isinstance(name, str)}
+                    )
                 if node.config.memory_bytes is not None:
                     sizes = await _model_sizes(client, node, timeout_s, "/api/tags")
                     self._set_fits(node, sizes)
@@ -292,7 +313,8 @@ class Cluster:
     def _set_fits(self, node: Node, sizes: dict[str, int]) -> None:
         """Mark which of the node's models fit in its configured memory."""
         memory = node.config.memory_bytes
-        for model, size in sizes.items():
+        for name, size in sizes.items():
+            model = model_key(name)
             fits = memory is None or size <= memory
             self.signals.model_state(model)[node.index, MODEL_FITS] = 1.0 if fits else 0.0
 
@@ -318,8 +340,8 @@ class Cluster:
 
 async def _probe_node(
     client: UpstreamClient, node: Node, timeout_s: float
-) -> tuple[bool, list[str] | None, str]:
-    """Return (healthy, discovered models or None, detail) for one node.
+) -> tuple[bool, dict[str, dict] | None, str]:
+    """Return (healthy, discovered models and their listing entries or None, detail).
 
     llama-server returns 503 on every route while it loads its model, so a 503
     there means "not ready yet"; the node joins once /health returns 200.
@@ -348,14 +370,24 @@ async def _probe_node(
         if status != 200:
             return False, None, f"/api/tags returned HTTP {status}"
         listing = body.get("models") if isinstance(body, dict) else None
-        names = [entry.get("name") for entry in listing or [] if isinstance(entry, dict)]
+        entries = [entry for entry in listing or [] if isinstance(entry, dict)]
+        names = [entry.get("name") for entry in entries]
     else:
         status, body = await client.get(node.url + "/v1/models", timeout_s=timeout_s, pooled=pooled)
         if status != 200:
             return False, None, f"/v1/models returned HTTP {status}"
         listing = body.get("data") if isinstance(body, dict) else None
-        names = [entry.get("id") for entry in listing or [] if isinstance(entry, dict)]
-    return True, [name for name in names if isinstance(name, str) and name], "ok"
+        entries = [entry for entry in listing or [] if isinstance(entry, dict)]
+        names = [entry.get("id") for entry in entries]
+    return (
+        True,
+        {name: entry for name, entry in zip(names, entries, strict=True) if _is_name(name)},
+        "ok",
+    )
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +407,11 @@ async def _llama_load(client: UpstreamClient, node: Node, timeout_s: float) -> _
             total = props["total_slots"]
         if props.get("endpoint_metrics") is True:
             deferred = await _llama_deferred(client, node, timeout_s)
+    if node.unary_in_flight:
+        # A /slots request during a non-streamed reply can make llama-server
+        # miss that the client closed the connection, and generate to the end
+        # (seen in 8 of 9 tries), so the busy count waits for the next probe.
+        return _LlamaLoad(total, None, deferred)
     status, slots = await client.get(node.url + "/slots", timeout_s=timeout_s, pooled=False)
     if status == 200 and isinstance(slots, list):
         busy = sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing"))

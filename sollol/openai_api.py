@@ -10,6 +10,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .cluster import model_key
+from .dialects import OPENAI, Dialect
 from .errors import (
     ClientClosedError,
     InvalidRequestError,
@@ -257,7 +259,7 @@ class OpenAIRoutes:
         _check_messages(body)
         stream = _read_stream_flag(body)
         check_fields(body, CHAT_FIELDS)
-        return await self._forward(request, "/v1/chat/completions", "chat", body, model, stream)
+        return await self.forward(request, "/v1/chat/completions", "chat", body, model, stream)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json_body(request, self._max_body_bytes)
@@ -265,7 +267,7 @@ class OpenAIRoutes:
         _check_text_or_tokens(body, "prompt")
         stream = _read_stream_flag(body)
         check_fields(body, COMPLETION_FIELDS)
-        return await self._forward(request, "/v1/completions", "completion", body, model, stream)
+        return await self.forward(request, "/v1/completions", "completion", body, model, stream)
 
     async def embeddings(self, request: Request) -> Response:
         body = await read_json_body(request, self._max_body_bytes)
@@ -278,9 +280,9 @@ class OpenAIRoutes:
                 param="encoding_format",
             )
         check_fields(body, EMBEDDING_FIELDS)
-        return await self._forward(request, "/v1/embeddings", "embedding", body, model, False)
+        return await self.forward(request, "/v1/embeddings", "embedding", body, model, False)
 
-    async def _forward(
+    async def forward(
         self,
         request: Request,
         route: str,
@@ -288,26 +290,36 @@ class OpenAIRoutes:
         body: dict[str, Any],
         model: str,
         stream: bool,
+        *,
+        dialect: Dialect = OPENAI,
+        features_body: dict[str, Any] | None = None,
     ) -> Response:
+        """Admit the request, wait for a node with room, and hand it to the proxy.
+
+        ``features_body`` is an OpenAI-shaped view of the request for the
+        routing features, when the client spoke another API.
+        """
         policy = _read_policy(request.headers.get("x-sollol-policy"))
         priority = _read_priority(
             body, request.headers.get("x-sollol-priority"), "x-sollol-priority"
         )
         # Checked before choosing a node, so an unknown model never reaches one.
-        if not self._proxy.cluster.knows_model(model):
+        key = model_key(model)
+        if not self._proxy.cluster.knows_model(key):
             raise ModelNotFoundError(model)
-        features = estimate_features(task, body, priority)
-        queue_ms = await self._wait_for_node(request, model, priority)
+        features = estimate_features(task, features_body or body, priority)
+        queue_ms = await self._wait_for_node(request, key, priority)
         return await self._proxy.forward(
             ProxyRequest(
                 route=route,
                 body=body,
-                model=model,
+                model=key,
                 features=features,
                 stream=stream,
                 policy=policy,
                 queue_ms=queue_ms,
                 disconnected=functools.partial(_disconnected, request),
+                dialect=dialect,
             )
         )
 
@@ -342,6 +354,7 @@ class OpenAIRoutes:
         model = params.get("model")
         if not model:
             raise InvalidRequestError("missing query parameter 'model'", param="model")
+        model = model_key(model)
         if not self._proxy.cluster.knows_model(model):
             raise ModelNotFoundError(model)
         policy = _read_policy(params.get("policy"), param="policy")
@@ -386,7 +399,7 @@ class OpenAIRoutes:
 
     async def get_model(self, request: Request) -> Response:
         model = request.path_params["model"]
-        if model not in self._proxy.cluster.healthy_models():
+        if model_key(model) not in self._proxy.cluster.healthy_models():
             raise ModelNotFoundError(model)
         return Response(orjson.dumps(self._model_entry(model)), media_type="application/json")
 

@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from .cluster import Cluster, Node
 from .config import NodeKind, Settings
+from .dialects import OPENAI, Dialect
 from .errors import (
     ClientClosedError,
     NoNodeAvailableError,
@@ -35,7 +36,7 @@ from .errors import (
 from .history import HistoryWriter, RequestRecord
 from .routing.engine import Decision
 from .routing.features import RequestFeatures
-from .sse import Event, SSEParser
+from .sse import Event, LineParser, SSEParser
 from .streaming import StreamRelay
 from .upstream import UpstreamClient, UpstreamConnectionError, UpstreamResponse
 
@@ -58,6 +59,13 @@ class ProxyRequest:
     # Returns once the client has hung up; lets a non-streamed request stop
     # its node when nobody is waiting for the reply any more.
     disconnected: Callable[[], Awaitable[None]] | None = None
+    # The client's API: how to ask each node and how to put its reply back.
+    dialect: Dialect = OPENAI
+
+    @property
+    def client_model(self) -> str:
+        """The model name as the client wrote it, echoed in replies."""
+        return str(self.body.get("model", self.model))
 
     @property
     def client_wants_usage(self) -> bool:
@@ -73,7 +81,7 @@ class Opened:
     body: bytes = b""
     stack: AsyncExitStack | None = None
     upstream: UpstreamResponse | None = None
-    parser: SSEParser | None = None
+    parser: SSEParser | LineParser | None = None
     first_events: list[Event] | None = None
 
 
@@ -122,7 +130,7 @@ class Proxy:
             record.outcome = "cancelled"
             self.finish(record, started)
             raise
-        content = self._rewrite_reply(opened.body, request, record)
+        content = request.dialect.whole(opened, request, record, started)
         self.finish(record, started, opened.node, request)
         headers = {"x-sollol-node": opened.node.name, "x-sollol-policy": record.policy or ""}
         return Response(content, media_type="application/json", headers=headers)
@@ -158,7 +166,6 @@ class Proxy:
         On success the node stays acquired when a stream is returned (its
         relay releases it), and is released when a whole body is returned.
         """
-        payload = self._upstream_payload(request)
         tried: set[int] = set()
         last_error: SollolError | None = None
         for _ in range(max(1, self.settings.max_attempts)):
@@ -175,7 +182,7 @@ class Proxy:
             record.scores = self._explain(decision)
             self.cluster.acquire(node)
             try:
-                opened = await self._attempt(node, request, payload, started)
+                opened = await self._attempt(node, request, started)
             except _FailedAttempt as failure:
                 self.cluster.release(node)
                 self.cluster.signals.observe(node.index, ok=False)
@@ -208,20 +215,21 @@ class Proxy:
             retry_after_s=self.settings.retry_after_s,
         )
 
-    async def _attempt(
-        self, node: Node, request: ProxyRequest, payload: bytes, started: float
-    ) -> Opened:
+    async def _attempt(self, node: Node, request: ProxyRequest, started: float) -> Opened:
         """Send the request to one node and wait for its first token (or whole body)."""
         timeout_s = min(
             self.settings.first_token_timeout_s,
             self.settings.total_timeout_s - (time.perf_counter() - started),
         )
+        plan = request.dialect.plan(request, node)
         stack = AsyncExitStack()
+        unary = not request.stream
+        node.unary_in_flight += unary
         try:
             async with asyncio.timeout(max(0.0, timeout_s)):
                 upstream = await stack.enter_async_context(
                     self.client.post(
-                        node.url + request.route, payload, pooled=_pools_connections(node)
+                        node.url + plan.route, plan.payload, pooled=_pools_connections(node)
                     )
                 )
                 if upstream.status != 200:
@@ -235,7 +243,7 @@ class Proxy:
                     body = await upstream.read()
                     await stack.aclose()
                     return Opened(node, body=body)
-                parser = SSEParser()
+                parser = LineParser() if plan.ndjson else SSEParser()
                 first_events = await _first_events(upstream, parser, node)
                 return Opened(
                     node, stack=stack, upstream=upstream, parser=parser, first_events=first_events
@@ -259,6 +267,8 @@ class Proxy:
         except BaseException:
             await stack.aclose()
             raise
+        finally:
+            node.unary_in_flight -= unary
 
     def observe(self, node: Node, record: RequestRecord) -> None:
         ok = record.outcome == "ok" and record.status < 500
@@ -277,31 +287,6 @@ class Proxy:
         scores = {self.cluster.nodes[index].name: score for index, score in best}
         # JSON has no infinity; a null score means "not eligible".
         return orjson.dumps({name: _finite(score) for name, score in scores.items()}).decode()
-
-    def _upstream_payload(self, request: ProxyRequest) -> bytes:
-        body = request.body
-        if request.stream and not request.client_wants_usage:
-            # Ask for usage on every stream so the history has token counts; the
-            # extra usage chunk is dropped before it reaches the client.
-            options = body.get("stream_options")
-            options = dict(options) if isinstance(options, dict) else {}
-            options["include_usage"] = True
-            body = {**body, "stream_options": options}
-        return orjson.dumps(body)
-
-    def _rewrite_reply(self, body: bytes, request: ProxyRequest, record: RequestRecord) -> bytes:
-        try:
-            reply = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            # NOTE: forwarded unchanged, so `model` keeps the node's own name.
-            log.warning("node %s sent a reply that is not JSON", record.node)
-            return body
-        if not isinstance(reply, dict):
-            return body
-        record.read_usage(reply)
-        if "model" in reply:
-            reply["model"] = request.model
-        return orjson.dumps(reply)
 
     def fail(self, record: RequestRecord, started: float, error: SollolError) -> None:
         """Record a request that ended with an error response and no reply from a node."""

@@ -66,3 +66,36 @@ def _parse_event(raw: bytes) -> Event:
             value = line[5:]
             data_lines.append(value[1:] if value.startswith(b" ") else value)
     return Event(data=b"\n".join(data_lines) if data_lines else None, raw=raw)
+
+
+class LineParser:
+    """Newline-delimited JSON (Ollama's streams): one event per non-empty line.
+
+    Same interface as SSEParser, so one relay reads either framing. ``data``
+    is the line without its end, ``raw`` the line ending in a single "\\n".
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += chunk
+        events = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                return events
+            line = bytes(self._buffer[:end]).rstrip(b"\r")
+            del self._buffer[: end + 1]
+            if line.strip():
+                events.append(Event(data=line, raw=line + b"\n"))
+
+    def finish(self) -> list[Event]:
+        """Call at end of stream: a last line without its "\\n" still counts."""
+        line = bytes(self._buffer).strip()
+        self._buffer.clear()
+        return [Event(data=line, raw=line + b"\n")] if line else []
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buffer)

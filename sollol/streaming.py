@@ -25,11 +25,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .errors import SollolError, openai_error_body
+from .dialects import Translator
+from .errors import SollolError
 from .sse import Event
 from .upstream import UpstreamConnectionError
 
@@ -41,9 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE = b": keep-alive\n\n"
-_DONE_EVENT = b"data: [DONE]\n\n"
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class StreamRelay:
@@ -57,12 +55,11 @@ class StreamRelay:
         self._request = request
         self._record = record
         self._started = started
+        self._dialect = request.dialect
         self._opening: asyncio.Future[Opened] | None = None
         self._opened: Opened | None = None
+        self._translator: Translator | None = None
         self._closed = False
-        # Content chunks relayed; nodes send one token per chunk, so this is
-        # the completion's length so far when no usage chunk arrives.
-        self._chunks_with_content = 0
 
     async def response(self) -> StreamingResponse:
         """Start opening the stream and return the response once it is known how to answer."""
@@ -74,7 +71,7 @@ class StreamRelay:
         except BaseException:
             await self.close()
             raise
-        headers = dict(_STREAM_HEADERS)
+        headers = dict(STREAM_HEADERS)
         if self._opening.done():
             try:
                 self._opened = self._opening.result()
@@ -88,7 +85,7 @@ class StreamRelay:
         # Until the stream ends by itself, a close means the client went away.
         self._record.outcome = "cancelled"
         self._record.status = 200
-        return RelayResponse(self, headers=headers)
+        return RelayResponse(self, headers=headers, media_type=self._dialect.media_type)
 
     async def events(self) -> "AsyncIterator[bytes]":
         opened = self._opened
@@ -98,16 +95,19 @@ class StreamRelay:
                 done, _ = await asyncio.wait(
                     {self._opening}, timeout=self._settings.keepalive_interval_s
                 )
-                if not done:
-                    yield KEEPALIVE
+                if not done and self._dialect.keepalive:
+                    yield self._dialect.keepalive
             try:
                 opened = self._opened = self._opening.result()
             except SollolError as exc:
                 self._end(exc.message, "timeout" if exc.code == "upstream_timeout" else "error")
-                yield _error_event(exc.message, exc.error_type)
+                yield self._dialect.error_frame(exc.message, exc.error_type)
                 return
 
         assert opened.first_events is not None and opened.upstream is not None
+        self._translator = self._dialect.translator(
+            opened, self._request, self._record, self._started
+        )
         first = self._relay(opened.first_events)
         if first:
             yield first
@@ -140,17 +140,18 @@ class StreamRelay:
                 elif now >= idle_deadline:
                     message = f"node {node.name} sent nothing for {idle_s:.1f} s (idle_timeout_s)"
                 else:
-                    yield KEEPALIVE
+                    if self._dialect.keepalive:
+                        yield self._dialect.keepalive
                     continue
                 self._end(message, "timeout")
-                yield _error_event(message, "timeout")
+                yield self._dialect.error_frame(message, "timeout")
                 return
             except UpstreamConnectionError as exc:
                 # The client already has part of the reply, so no other node
                 # can take over.
                 message = f"node {node.name} failed in the middle of the stream: {exc}"
                 self._end(message, "error")
-                yield _error_event(message, "upstream_error")
+                yield self._dialect.error_frame(message, "upstream_error")
                 return
             now = time.monotonic()
             if not chunk:
@@ -161,7 +162,7 @@ class StreamRelay:
             out = self._relay(parser.feed(chunk))
             if out:
                 yield out
-        out = self._relay(parser.finish())
+        out = self._relay(parser.finish()) + self._translator.tail()
         if out:
             yield out
         if parser.pending.strip():
@@ -174,37 +175,12 @@ class StreamRelay:
         self._record.error = message[:512]
 
     def _relay(self, events: list[Event]) -> bytes:
-        out = b"".join(piece for piece in map(self._rewrite, events) if piece is not None)
-        if out and self._record.ttft_ms is None and self._chunks_with_content:
+        assert self._translator is not None
+        rewrite = self._translator.rewrite
+        out = b"".join(piece for piece in map(rewrite, events) if piece is not None)
+        if out and self._record.ttft_ms is None and self._translator.content_chunks:
             self._record.ttft_ms = (time.perf_counter() - self._started) * 1000.0
         return out
-
-    def _rewrite(self, event: Event) -> bytes | None:
-        data = event.data
-        if data is None:
-            return event.raw  # comment lines such as llama-server's keep-alive pings
-        if data == b"[DONE]":
-            return _DONE_EVENT
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event.raw
-        if not isinstance(chunk, dict):
-            return event.raw
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            self._end(str(message), "error")
-            return event.raw
-        self._record.read_usage(chunk)
-        choices = chunk.get("choices")
-        if choices == [] and not self._request.client_wants_usage:
-            return None
-        if choices and _has_content(choices):
-            self._chunks_with_content += 1
-        if "model" in chunk:
-            chunk["model"] = self._request.model
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     async def close(self) -> None:
         if self._closed:
@@ -218,8 +194,9 @@ class StreamRelay:
         if self._opened is None and opening is not None and _succeeded(opening):
             self._opened = opening.result()
         record = self._record
-        if record.completion_tokens is None and self._chunks_with_content:
-            record.completion_tokens = self._chunks_with_content
+        translator = self._translator
+        if record.completion_tokens is None and translator and translator.content_chunks:
+            record.completion_tokens = translator.content_chunks
         opened = self._opened
         if opened is None:
             self._proxy.finish(record, self._started)
@@ -240,8 +217,8 @@ class StreamRelay:
 class RelayResponse(StreamingResponse):
     """A streaming response that always closes its relay, even if never iterated."""
 
-    def __init__(self, relay: StreamRelay, *, headers: dict[str, str]) -> None:
-        super().__init__(relay.events(), headers=headers, media_type="text/event-stream")
+    def __init__(self, relay: StreamRelay, *, headers: dict[str, str], media_type: str) -> None:
+        super().__init__(relay.events(), headers=headers, media_type=media_type)
         self._relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -253,17 +230,3 @@ class RelayResponse(StreamingResponse):
 
 def _succeeded(future: asyncio.Future["Opened"]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _has_content(choices: list[object]) -> bool:
-    for choice in choices:
-        if isinstance(choice, dict):
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if text:
-                return True
-    return False
-
-
-def _error_event(message: str, error_type: str) -> bytes:
-    return b"data: " + openai_error_body(message, error_type) + b"\n\n"
