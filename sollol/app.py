@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import SollolError, openai_error_body
 from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
+from .ollama_api import OllamaRoutes, ollama_error_body
 from .openai_api import OpenAIRoutes
 from .openapi import openapi_route
 from .proxy import Proxy
@@ -64,6 +65,13 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     history = HistoryWriter(create_history_engine(settings.database_url))
     proxy = Proxy(cluster=cluster, client=client, history=history, settings=settings)
     openai_routes = OpenAIRoutes(proxy, scheduler, max_body_bytes=settings.max_body_bytes)
+    ollama_routes = OllamaRoutes(
+        openai_routes,
+        cluster,
+        client,
+        max_body_bytes=settings.max_body_bytes,
+        timeout_s=settings.connect_timeout_s,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -120,6 +128,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/sollol/route", openai_routes.explain_route, methods=["GET"]),
             *openai_routes.routes(),
+            *ollama_routes.routes(),
             openapi_route(),
         ],
         exception_handlers={
@@ -147,12 +156,15 @@ async def _sollol_error(request: Request, exc: Exception) -> Response:
             exc.status_code,
             exc.message,
         )
+    body = ollama_error_body(exc.message) if _speaks_ollama(request) else exc.to_body()
     return Response(
-        exc.to_body(),
-        status_code=exc.status_code,
-        headers=exc.headers,
-        media_type="application/json",
+        body, status_code=exc.status_code, headers=exc.headers, media_type="application/json"
     )
+
+
+def _speaks_ollama(request: Request) -> bool:
+    """Errors on Ollama's routes take Ollama's shape, ``{"error": "<text>"}``."""
+    return request.url.path.startswith("/api/")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -162,18 +174,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     access_log.info(
         "%s %s status=%d error=%s", request.method, request.url.path, exc.status_code, exc.detail
     )
+    if _speaks_ollama(request):
+        body = ollama_error_body(message)
+    else:
+        body = openai_error_body(message, error_type)
     return Response(
-        openai_error_body(message, error_type),
-        status_code=exc.status_code,
-        headers=exc.headers,
-        media_type="application/json",
+        body, status_code=exc.status_code, headers=exc.headers, media_type="application/json"
     )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
+    message = "internal router error; see the router log"
     return Response(
-        openai_error_body("internal router error; see the router log", "server_error"),
+        ollama_error_body(message)
+        if _speaks_ollama(request)
+        else openai_error_body(message, "server_error"),
         status_code=500,
         media_type="application/json",
     )

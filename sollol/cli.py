@@ -115,9 +115,7 @@ async def serve_router(settings: Settings) -> None:
     install_signal_handlers(shutdown)
     url = base_url_of(sock)
     print(f"sollol: listening on {url} (OpenAI base_url {url}/v1)", flush=True)
-    await serve_app(
-        app, sock, shutdown_event=shutdown, max_header_bytes=settings.max_header_bytes
-    )
+    await serve_app(app, sock, shutdown_event=shutdown, max_header_bytes=settings.max_header_bytes)
 
 
 def _demo_command(args: argparse.Namespace) -> int:

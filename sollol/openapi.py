@@ -375,6 +375,74 @@ OPERATIONS: dict[tuple[str, str], JsonSchema] = {
 }
 
 
+_OLLAMA_ERROR: JsonSchema = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+_OLLAMA_REQUEST: JsonSchema = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": {"type": "string", "minLength": 1}},
+    "additionalProperties": True,
+}
+
+
+def _ollama_operation(summary: str, *, body: bool = True, streams: bool = False) -> JsonSchema:
+    """An operation of Ollama's native API; errors there are ``{"error": "<text>"}``."""
+    ok: JsonSchema = {"application/json": {"schema": {"type": "object"}}}
+    if streams:
+        ok["application/x-ndjson"] = {"schema": {"type": "string"}}
+    operation: JsonSchema = {
+        "summary": summary,
+        "tags": ["ollama"],
+        "responses": {
+            "200": {"description": "Ollama's reply.", "content": ok},
+            "400": _json(_OLLAMA_ERROR, "A bad request, in Ollama's error shape."),
+            "404": _json(_OLLAMA_ERROR, "No node serves the model."),
+            "413": _json(_OLLAMA_ERROR, "The body is larger than max_body_bytes."),
+            "429": _json(_OLLAMA_ERROR, "Too many requests wait for the model."),
+            "502": _json(_OLLAMA_ERROR, "Every node tried failed."),
+            "503": _json(_OLLAMA_ERROR, "No node can take the request now."),
+            "504": _json(_OLLAMA_ERROR, "No node answered within first_token_timeout_s."),
+        },
+    }
+    if body:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _OLLAMA_REQUEST}},
+        }
+    return operation
+
+
+OPERATIONS.update(
+    {
+        ("/", "GET"): {
+            "summary": "Ollama's liveness check: 'Ollama is running'",
+            "tags": ["ollama"],
+            "responses": {
+                "200": {
+                    "description": "The router is up.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+        ("/api/version", "GET"): _ollama_operation("The Ollama API version served", body=False),
+        ("/api/tags", "GET"): _ollama_operation("Models across all nodes, with tags", body=False),
+        ("/api/ps", "GET"): _ollama_operation(
+            "Loaded models and the node holding each", body=False
+        ),
+        ("/api/show", "POST"): _ollama_operation("Details of one model"),
+        ("/api/chat", "POST"): _ollama_operation(
+            "Chat, streamed as NDJSON by default", streams=True
+        ),
+        ("/api/generate", "POST"): _ollama_operation("Generate from a prompt", streams=True),
+        ("/api/embed", "POST"): _ollama_operation("Normalised embeddings of one or more texts"),
+        ("/api/embeddings", "POST"): _ollama_operation("Legacy: the embedding of one prompt"),
+    }
+)
+
+
 def route_operations(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, str]]:
     """Yield (OpenAPI path, method) for each method of each route.
 
@@ -412,9 +480,10 @@ def openapi_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
         "info": {
             "title": "SOLLOL",
             "version": __version__,
-            "description": "An OpenAI-compatible router in front of llama.cpp and Ollama nodes. "
-            "Every error reply has the OpenAI shape "
-            '{"error": {"message", "type", "param", "code"}}.',
+            "description": "An OpenAI- and Ollama-compatible router in front of llama.cpp "
+            "and Ollama nodes. Error replies have the OpenAI shape "
+            '{"error": {"message", "type", "param", "code"}}, except on Ollama\'s '
+            'routes (/api/...), where they are {"error": "<text>"} as in Ollama.',
         },
         "paths": paths,
         "components": {"schemas": SCHEMAS, "responses": RESPONSES},

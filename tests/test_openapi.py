@@ -25,7 +25,15 @@ MODELS = ("tiny", "embed", "org/tiny")
 EXAMPLES_PER_OPERATION = 40
 # Operations without input that schemathesis can make invalid: two take no
 # parameters, and any string in the path is a valid model id.
-WITHOUT_INVALID_INPUT = {("/health", "GET"), ("/v1/models", "GET"), ("/v1/models/{model}", "GET")}
+WITHOUT_INVALID_INPUT = {
+    ("/health", "GET"),
+    ("/v1/models", "GET"),
+    ("/v1/models/{model}", "GET"),
+    ("/", "GET"),
+    ("/api/version", "GET"),
+    ("/api/tags", "GET"),
+    ("/api/ps", "GET"),
+}
 # Schemathesis leaves out the operation that serves the schema itself.
 FUZZED = sorted(key for key in OPERATIONS if key != (OPENAPI_PATH, "GET"))
 
@@ -114,6 +122,14 @@ def _use_model(case, model: str) -> None:
         case.body["model"] = model
 
 
+def assert_ollama_error(response) -> None:
+    body = orjson.loads(response.content)
+    assert isinstance(body, dict), body
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"], str), body
+    assert body["error"], body
+
+
 def assert_openai_error(response) -> None:
     body = orjson.loads(response.content)
     assert isinstance(body, dict), body
@@ -158,7 +174,9 @@ def test_fuzz_operation(router_schema, fake_node, path, method, mode):
         response = case.call()
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, response.text
-        if response.status_code >= 400:
+        if response.status_code >= 400 and path.startswith("/api/"):
+            assert_ollama_error(response)
+        elif response.status_code >= 400:
             assert_openai_error(response)
         case.validate_response(response)
 

@@ -138,6 +138,7 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
         app.router.add_get("/api/version", self._version)
         app.router.add_get("/api/tags", self._tags)
         app.router.add_get("/api/ps", self._ps)
+        app.router.add_post("/api/show", self._show)
         app.router.add_post("/api/chat", self._native_chat)
         app.router.add_post("/api/generate", self._native_generate)
         app.router.add_post("/api/embed", self._native_embed)
@@ -283,6 +284,26 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
             for entry in loaded
         ]
         return json_response({"models": entries})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        body = await self._read(request)
+        # Ollama still accepts the old key "name" here.
+        body.setdefault("model", body.get("name"))
+        model = self._require_native_model(body, not_found="model '{}' not found")
+        return json_response(
+            {
+                "modelfile": f"FROM {model.name}\n",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": model.details(),
+                "model_info": {
+                    "general.architecture": model.family,
+                    f"{model.family}.context_length": model.context_length,
+                },
+                "capabilities": ["completion"],
+                "modified_at": "2026-11-01T10:00:00.000000000Z",
+            }
+        )
 
     async def _native_chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read(request)

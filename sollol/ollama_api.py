@@ -1,0 +1,496 @@
+"""Ollama's native API on the router, so any Ollama client can use the whole cluster.
+
+Requests are routed like OpenAI ones. An Ollama node gets the request
+unchanged on its own ``/api/...`` route; any other node gets it translated to
+the OpenAI API (``sollol.ollama_wire``), and its reply is translated back:
+NDJSON lines while streaming, then a last line with ``done: true`` and
+Ollama's counters. Errors use Ollama's shape, ``{"error": "<text>"}``.
+
+Model names follow ``cluster.model_key``: ``llama3.2`` and
+``llama3.2:latest`` are one model. ``/api/tags`` lists every model with its
+tag (``tiny:latest`` for a llama-server alias ``tiny``), and replies echo the
+name the client sent.
+"""
+
+import asyncio
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from .cluster import Cluster, Node, model_key
+from .config import NodeKind
+from .dialects import Dialect, Plan, Translator, own_model_body
+from .errors import InvalidRequestError, SollolError
+from .ollama_wire import (
+    ReplyBuilder,
+    chat_request,
+    embed_request,
+    embeddings_from_openai,
+    generate_request,
+    ndjson,
+    normalized,
+    now_rfc3339,
+)
+from .openai_api import read_json_body
+from .sse import Event
+from .upstream import UpstreamConnectionError
+
+if TYPE_CHECKING:
+    from .history import RequestRecord
+    from .openai_api import OpenAIRoutes
+    from .proxy import Opened, ProxyRequest
+    from .upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# The Ollama version the router reports: clients check it for features, and
+# the router serves the API of this release.
+OLLAMA_API_VERSION = "0.12.6"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+
+class OllamaModelNotFoundError(SollolError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+def ollama_error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+# -- dialects ------------------------------------------------------------------
+
+
+class OllamaDialect(Dialect):
+    """``/api/chat`` (``chat`` True) or ``/api/generate``."""
+
+    media_type = NDJSON_MEDIA_TYPE
+    # NDJSON has no comment line, and an empty line breaks clients that parse
+    # every line, so a long wait sends nothing.
+    keepalive = None
+
+    def __init__(self, *, chat: bool) -> None:
+        self.chat = chat
+        self.native_route = "/api/chat" if chat else "/api/generate"
+
+    def plan(self, request: "ProxyRequest", node: Node) -> Plan:
+        body = own_model_body(request, node)
+        if node.kind is NodeKind.OLLAMA:
+            return Plan(self.native_route, orjson.dumps(body), ndjson=True)
+        model = body.get("model", request.model)
+        if self.chat:
+            return Plan("/v1/chat/completions", orjson.dumps(chat_request(body, model)))
+        route, translated = generate_request(body, model)
+        return Plan(route, orjson.dumps(translated))
+
+    def whole(
+        self, opened: "Opened", request: "ProxyRequest", record: "RequestRecord", started: float
+    ) -> bytes:
+        reply = _json_object(opened.body)
+        if opened.node.kind is NodeKind.OLLAMA:
+            _read_ollama_counts(reply, record)
+            reply["model"] = request.client_model
+            return orjson.dumps(reply)
+        record.read_usage(reply)
+        builder = ReplyBuilder(model=request.client_model, chat=self.chat, started=started)
+        return orjson.dumps(builder.whole(reply))
+
+    def translator(
+        self, opened: "Opened", request: "ProxyRequest", record: "RequestRecord", started: float
+    ) -> Translator:
+        if opened.node.kind is NodeKind.OLLAMA:
+            return NativeStream(request, record)
+        builder = ReplyBuilder(model=request.client_model, chat=self.chat, started=started)
+        return TranslatedStream(request, record, builder)
+
+    def error_frame(self, message: str, error_type: str) -> bytes:
+        # Ollama ends a failed stream with a line holding only "error".
+        return ndjson({"error": message})
+
+
+class NativeStream(Translator):
+    """An Ollama node's own NDJSON stream: ``model`` rewritten, counters read."""
+
+    def rewrite(self, event: Event) -> bytes | None:
+        line = _json_object(event.data or b"")
+        if "error" in line:
+            self.failed(str(line["error"]))
+            return event.raw
+        if line.get("done"):
+            _read_ollama_counts(line, self.record)
+        elif _text_of(line):
+            self.content_chunks += 1
+        if "model" in line:
+            line["model"] = self.request.client_model
+        return ndjson(line)
+
+
+class TranslatedStream(Translator):
+    """An OpenAI SSE stream from a llama-server node, as Ollama NDJSON lines."""
+
+    def __init__(self, request: "ProxyRequest", record: "RequestRecord", builder: ReplyBuilder):
+        super().__init__(request, record)
+        self.builder = builder
+        self.ended = False
+
+    def rewrite(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None:
+            return None
+        if data == b"[DONE]":
+            self.ended = True
+            return None
+        chunk = _json_object(data)
+        if "error" in chunk:
+            error = chunk["error"]
+            message = str(error.get("message") if isinstance(error, dict) else error)
+            self.failed(message)
+            return ndjson({"error": message})
+        self.record.read_usage(chunk)
+        line = self.builder.piece(chunk)
+        if line is None:
+            return None
+        self.content_chunks += 1
+        return ndjson(line)
+
+    def tail(self) -> bytes:
+        # The last line carries the counters; only a stream the node finished
+        # gets one, so a cut stream never looks complete.
+        if not self.ended or self.record.outcome == "error":
+            return b""
+        return ndjson(self.builder.final())
+
+
+class EmbedDialect(Dialect):
+    """``/api/embed`` (normalised vectors) or the legacy ``/api/embeddings``."""
+
+    def __init__(self, *, legacy: bool) -> None:
+        self.legacy = legacy
+
+    def plan(self, request: "ProxyRequest", node: Node) -> Plan:
+        body = own_model_body(request, node)
+        if node.kind is NodeKind.OLLAMA:
+            route = "/api/embeddings" if self.legacy else "/api/embed"
+            return Plan(route, orjson.dumps(body))
+        texts = [body.get("prompt") or ""] if self.legacy else _embed_texts(body)
+        return Plan("/v1/embeddings", orjson.dumps(embed_request(texts, body["model"])))
+
+    def whole(
+        self, opened: "Opened", request: "ProxyRequest", record: "RequestRecord", started: float
+    ) -> bytes:
+        reply = _json_object(opened.body)
+        if opened.node.kind is NodeKind.OLLAMA:
+            if isinstance(reply.get("prompt_eval_count"), int):
+                record.prompt_tokens = reply["prompt_eval_count"]
+            if "model" in reply:
+                reply["model"] = request.client_model
+            return orjson.dumps(reply)
+        record.read_usage(reply)
+        vectors = embeddings_from_openai(reply)
+        if self.legacy:
+            # The legacy route returns the vector as computed, not normalised.
+            return orjson.dumps({"embedding": vectors[0] if vectors else []})
+        dimensions = request.body.get("dimensions")
+        dimensions = dimensions if isinstance(dimensions, int) and dimensions > 0 else None
+        return orjson.dumps(
+            {
+                "model": request.client_model,
+                "embeddings": [normalized(vector, dimensions) for vector in vectors],
+                "prompt_eval_count": record.prompt_tokens or 0,
+            }
+        )
+
+
+CHAT = OllamaDialect(chat=True)
+GENERATE = OllamaDialect(chat=False)
+EMBED = EmbedDialect(legacy=False)
+EMBEDDINGS_LEGACY = EmbedDialect(legacy=True)
+
+
+# -- routes ----------------------------------------------------------------------
+
+
+class OllamaRoutes:
+    def __init__(
+        self,
+        openai_routes: "OpenAIRoutes",
+        cluster: Cluster,
+        client: "UpstreamClient",
+        *,
+        max_body_bytes: int,
+        timeout_s: float,
+    ) -> None:
+        self._openai = openai_routes
+        self._cluster = cluster
+        self._client = client
+        self._max_body_bytes = max_body_bytes
+        self._timeout_s = timeout_s
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.root, methods=["GET", "HEAD"]),
+            Route("/api/version", self.version, methods=["GET", "HEAD"]),
+            Route("/api/tags", self.tags, methods=["GET", "HEAD"]),
+            Route("/api/ps", self.ps, methods=["GET"]),
+            Route("/api/show", self.show, methods=["POST"]),
+            Route("/api/chat", self.chat, methods=["POST"]),
+            Route("/api/generate", self.generate, methods=["POST"]),
+            Route("/api/embed", self.embed, methods=["POST"]),
+            Route("/api/embeddings", self.embeddings, methods=["POST"]),
+        ]
+
+    async def root(self, request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(self, request: Request) -> Response:
+        return _json({"version": OLLAMA_API_VERSION})
+
+    async def tags(self, request: Request) -> Response:
+        entries: dict[str, dict[str, Any]] = {}
+        for node in self._cluster.nodes:
+            if not node.health.up:
+                continue
+            for key in sorted(node.models):
+                entries.setdefault(key, _tag_entry(node, key))
+        return _json({"models": [entries[key] for key in sorted(entries)]})
+
+    async def ps(self, request: Request) -> Response:
+        models = []
+        for node in self._cluster.nodes:
+            if not node.health.up:
+                continue
+            if node.kind is NodeKind.OLLAMA:
+                for entry in node.ps_entries:
+                    models.append({**entry, "sollol_node": node.name})
+            else:
+                # A llama-server keeps its model loaded for as long as it runs.
+                for key in sorted(node.models):
+                    entry = _tag_entry(node, key)
+                    entry.pop("modified_at", None)
+                    entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0)
+                    models.append({**entry, "sollol_node": node.name})
+        return _json({"models": models})
+
+    async def show(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError("model is required")
+        key = self._require_known(name)
+        nodes = [node for node in self._cluster.nodes if key in node.models]
+        for node in nodes:
+            if node.kind is NodeKind.OLLAMA and node.health.up:
+                # An Ollama node knows its model best: template, parameters, capabilities.
+                shown = await self._show_on(node, key)
+                if shown is not None:
+                    return Response(shown, media_type="application/json")
+        entry = _tag_entry(nodes[0], key)
+        return _json(
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": entry["details"],
+                "model_info": {},
+                "capabilities": ["completion"],
+                "modified_at": entry["modified_at"],
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        name = self._model_of(body)
+        messages = body.get("messages")
+        if messages is not None and not isinstance(messages, list):
+            raise InvalidRequestError("messages must be an array")
+        if not messages:
+            return self._load_reply(body, name, chat=True)
+        features = {"messages": messages, **_max_tokens_of(body)}
+        return await self._forward(request, "/api/chat", body, name, CHAT, features, "chat")
+
+    async def generate(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        name = self._model_of(body)
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidRequestError("prompt must be a string")
+        if not prompt:
+            return self._load_reply(body, name, chat=False)
+        features = {"prompt": prompt, **_max_tokens_of(body)}
+        return await self._forward(
+            request, "/api/generate", body, name, GENERATE, features, "completion"
+        )
+
+    async def embed(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        name = self._model_of(body)
+        texts = _embed_texts(body)
+        if not texts:
+            self._require_known(name)
+            return _json({"model": name, "embeddings": []})
+        features = {"input": texts}
+        return await self._forward(request, "/api/embed", body, name, EMBED, features, "embedding")
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        name = self._model_of(body)
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidRequestError("prompt must be a string")
+        if not prompt:
+            self._require_known(name)
+            return _json({"embedding": []})
+        return await self._forward(
+            request,
+            "/api/embeddings",
+            body,
+            name,
+            EMBEDDINGS_LEGACY,
+            {"input": prompt},
+            "embedding",
+        )
+
+    # -- helpers -----------------------------------------------------------------
+
+    async def _show_on(self, node: Node, key: str) -> bytes | None:
+        payload = orjson.dumps({"model": node.own_names.get(key, key)})
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._client.post(node.url + "/api/show", payload) as reply:
+                    if reply.status != 200:
+                        return None
+                    return await reply.read()
+        except (UpstreamConnectionError, TimeoutError) as exc:
+            log.warning("POST /api/show on node %s failed: %s", node.name, exc or "timed out")
+            return None
+
+    async def _read_body(self, request: Request) -> dict[str, Any]:
+        return await read_json_body(request, self._max_body_bytes)
+
+    def _model_of(self, body: dict[str, Any]) -> str:
+        name = body.get("model")
+        if name is None or name == "":
+            raise InvalidRequestError("model is required")
+        if not isinstance(name, str):
+            raise InvalidRequestError("model must be a string")
+        return name
+
+    def _require_known(self, name: str) -> str:
+        key = model_key(name)
+        if not self._cluster.knows_model(key):
+            raise OllamaModelNotFoundError(f"model '{name}' not found")
+        return key
+
+    def _load_reply(self, body: dict[str, Any], name: str, *, chat: bool) -> Response:
+        """Answer a request with no prompt, which Ollama treats as "load the model".
+
+        The router answers it itself: llama-server nodes keep their model
+        loaded anyway, and Ollama nodes load a model on its first real request.
+        """
+        self._require_known(name)
+        keep_alive = body.get("keep_alive")
+        line: dict[str, Any] = {"model": name, "created_at": now_rfc3339()}
+        if chat:
+            line["message"] = {"role": "assistant", "content": ""}
+        else:
+            line["response"] = ""
+        line["done"] = True
+        line["done_reason"] = "unload" if keep_alive in (0, "0", "0s") else "load"
+        return _json(line)
+
+    async def _forward(
+        self,
+        request: Request,
+        route: str,
+        body: dict[str, Any],
+        name: str,
+        dialect: Dialect,
+        features: dict[str, Any],
+        task: str,
+    ) -> Response:
+        self._require_known(name)
+        stream = dialect in (CHAT, GENERATE) and body.get("stream", True) is not False
+        return await self._openai.forward(
+            request, route, task, body, name, stream, dialect=dialect, features_body=features
+        )
+
+
+def _tag_entry(node: Node, key: str) -> dict[str, Any]:
+    """The /api/tags entry for one model: the Ollama node's own, or one built for llama-server."""
+    own = node.listing.get(key)
+    name = key if ":" in key else key + ":latest"
+    if node.kind is NodeKind.OLLAMA and own is not None:
+        return {**own, "name": name, "model": name}
+    meta = (own or {}).get("meta") or {}
+    size = meta.get("size") if isinstance(meta.get("size"), int) else 0
+    parameters = meta.get("n_params")
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "1970-01-01T00:00:00Z",
+        "size": size,
+        # A stable stand-in: llama-server does not report the file's digest.
+        "digest": hashlib.sha256(f"{node.name}/{key}".encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "",
+            "families": None,
+            "parameter_size": f"{parameters}" if isinstance(parameters, int) else "",
+            "quantization_level": "",
+        },
+    }
+
+
+def _max_tokens_of(body: dict[str, Any]) -> dict[str, Any]:
+    options = body.get("options")
+    num_predict = options.get("num_predict") if isinstance(options, dict) else None
+    return {"max_tokens": num_predict} if isinstance(num_predict, int) and num_predict >= 0 else {}
+
+
+def _embed_texts(body: dict[str, Any]) -> list[str]:
+    value = body.get("input")
+    if value is None or value == "":
+        return []
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise InvalidRequestError("invalid input type")
+    return texts
+
+
+def _read_ollama_counts(reply: dict[str, Any], record: "RequestRecord") -> None:
+    """Copy token counts and timings from Ollama's final line into ``record``."""
+    if isinstance(reply.get("prompt_eval_count"), int):
+        record.prompt_tokens = reply["prompt_eval_count"]
+    if isinstance(reply.get("eval_count"), int):
+        record.completion_tokens = reply["eval_count"]
+    prompt_ns = reply.get("prompt_eval_duration")
+    if isinstance(prompt_ns, int):
+        record.node_ttft_ms = prompt_ns / 1e6
+    eval_ns = reply.get("eval_duration")
+    if isinstance(eval_ns, int) and eval_ns > 0 and record.completion_tokens:
+        record.node_decode_tps = record.completion_tokens / (eval_ns / 1e9)
+
+
+def _text_of(line: dict[str, Any]) -> str:
+    message = line.get("message")
+    if isinstance(message, dict):
+        return str(message.get("content") or "")
+    return str(line.get("response") or "")
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _json(body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
