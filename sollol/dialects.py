@@ -10,8 +10,9 @@ supplies the parts that differ:
   bytes for the client (or drops it) and says what ends the stream;
 * the stream's media type, keep-alive line and in-band error frame.
 
-``OPENAI`` serves the OpenAI API to every node kind (Ollama nodes on their
-``/v1`` layer); ``sollol.ollama_api`` adds Ollama's native API.
+``OPENAI`` serves the OpenAI API to every node kind (to Ollama nodes on their
+native API, see ``sollol.ollama_native``); ``sollol.ollama_api`` adds Ollama's
+native API for clients.
 """
 
 import logging
@@ -20,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .config import NodeKind
 from .errors import openai_error_body
+from .ollama_native import OpenAIReplyBuilder, native_request, native_route, openai_embeddings
 from .sse import Event
 
 if TYPE_CHECKING:
@@ -95,6 +98,9 @@ def own_model_body(request: "ProxyRequest", node: "Node") -> dict[str, Any]:
 class OpenAIDialect(Dialect):
     def plan(self, request: "ProxyRequest", node: "Node") -> Plan:
         body = own_model_body(request, node)
+        if node.kind is NodeKind.OLLAMA:
+            native = native_request(request.route, body, body.get("model", request.model))
+            return Plan(native_route(request.route), orjson.dumps(native), ndjson=request.stream)
         if request.stream and not request.client_wants_usage:
             # Ask for usage on every stream so the history has token counts; the
             # extra usage chunk is dropped before it reaches the client.
@@ -115,6 +121,8 @@ class OpenAIDialect(Dialect):
             return opened.body
         if not isinstance(reply, dict):
             return opened.body
+        if opened.node.kind is NodeKind.OLLAMA:
+            return orjson.dumps(_from_native(reply, request, record))
         record.read_usage(reply)
         if "model" in reply:
             reply["model"] = request.client_model
@@ -123,7 +131,59 @@ class OpenAIDialect(Dialect):
     def translator(
         self, opened: "Opened", request: "ProxyRequest", record: "RequestRecord", started: float
     ) -> Translator:
+        if opened.node.kind is NodeKind.OLLAMA:
+            builder = OpenAIReplyBuilder(
+                model=request.client_model,
+                chat=request.route == "/v1/chat/completions",
+                include_usage=request.client_wants_usage,
+            )
+            return NativeToOpenAIStream(request, record, builder)
         return OpenAIStream(request, record)
+
+
+def _from_native(
+    reply: dict[str, Any], request: "ProxyRequest", record: "RequestRecord"
+) -> dict[str, Any]:
+    """Turn an Ollama node's whole native reply into the OpenAI reply the client asked for."""
+    record.read_ollama_counts(reply)
+    if request.route == "/v1/embeddings":
+        encoding = request.body.get("encoding_format")
+        return openai_embeddings(reply, model=request.client_model, encoding=encoding)
+    builder = OpenAIReplyBuilder(
+        model=request.client_model,
+        chat=request.route == "/v1/chat/completions",
+        include_usage=False,
+    )
+    return builder.whole(reply)
+
+
+class NativeToOpenAIStream(Translator):
+    """An Ollama node's NDJSON stream, as OpenAI SSE chunks ending in ``data: [DONE]``."""
+
+    def __init__(
+        self, request: "ProxyRequest", record: "RequestRecord", builder: OpenAIReplyBuilder
+    ) -> None:
+        super().__init__(request, record)
+        self.builder = builder
+
+    def rewrite(self, event: Event) -> bytes | None:
+        try:
+            line = orjson.loads(event.data or b"")
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(line, dict):
+            return None
+        if "error" in line:
+            # Ollama ends a failed stream with a line holding only "error".
+            self.failed(str(line["error"]))
+            return b"data: " + openai_error_body(str(line["error"]), "upstream_error") + b"\n\n"
+        if line.get("done"):
+            self.record.read_ollama_counts(line)
+        chunks = self.builder.chunks(line)
+        if any(has_content(chunk["choices"]) for chunk in chunks):
+            self.content_chunks += 1
+        out = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
+        return out + _DONE_EVENT if line.get("done") else out
 
 
 class OpenAIStream(Translator):

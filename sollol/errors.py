@@ -154,6 +154,11 @@ def upstream_error_from_reply(status: int, body: bytes, node_name: str) -> Upstr
             param=param,
             code=code,
         )
+    if status == 503:
+        # Busy (Ollama's full queue) or still loading: worth a retry later.
+        return UpstreamError(
+            f"node {node_name} is unavailable (HTTP 503): {message}", status_code=503
+        )
     return UpstreamError(
         f"node {node_name} failed with HTTP {status}: {message}",
         status_code=502,

@@ -81,6 +81,19 @@ class RequestRecord:
     node_ttft_ms: float | None = None
     node_decode_tps: float | None = None
 
+    def read_ollama_counts(self, reply: dict[str, Any]) -> None:
+        """Copy token counts and timings from an Ollama reply's last line."""
+        if isinstance(reply.get("prompt_eval_count"), int):
+            self.prompt_tokens = reply["prompt_eval_count"]
+        if isinstance(reply.get("eval_count"), int):
+            self.completion_tokens = reply["eval_count"]
+        prompt_ns = reply.get("prompt_eval_duration")
+        if isinstance(prompt_ns, int):
+            self.node_ttft_ms = prompt_ns / 1e6
+        eval_ns = reply.get("eval_duration")
+        if isinstance(eval_ns, int) and eval_ns > 0 and self.completion_tokens:
+            self.node_decode_tps = self.completion_tokens / (eval_ns / 1e9)
+
     def read_usage(self, reply: dict[str, Any]) -> None:
         """Copy token counts, and llama-server's timings when present, from a reply or chunk."""
         timings = reply.get("timings")

@@ -93,7 +93,7 @@ class OllamaDialect(Dialect):
     ) -> bytes:
         reply = _json_object(opened.body)
         if opened.node.kind is NodeKind.OLLAMA:
-            _read_ollama_counts(reply, record)
+            record.read_ollama_counts(reply)
             reply["model"] = request.client_model
             return orjson.dumps(reply)
         record.read_usage(reply)
@@ -122,7 +122,7 @@ class NativeStream(Translator):
             self.failed(str(line["error"]))
             return event.raw
         if line.get("done"):
-            _read_ollama_counts(line, self.record)
+            self.record.read_ollama_counts(line)
         elif _text_of(line):
             self.content_chunks += 1
         if "model" in line:
@@ -185,8 +185,7 @@ class EmbedDialect(Dialect):
     ) -> bytes:
         reply = _json_object(opened.body)
         if opened.node.kind is NodeKind.OLLAMA:
-            if isinstance(reply.get("prompt_eval_count"), int):
-                record.prompt_tokens = reply["prompt_eval_count"]
+            record.read_ollama_counts(reply)
             if "model" in reply:
                 reply["model"] = request.client_model
             return orjson.dumps(reply)
@@ -461,20 +460,6 @@ def _embed_texts(body: dict[str, Any]) -> list[str]:
     if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
         raise InvalidRequestError("invalid input type")
     return texts
-
-
-def _read_ollama_counts(reply: dict[str, Any], record: "RequestRecord") -> None:
-    """Copy token counts and timings from Ollama's final line into ``record``."""
-    if isinstance(reply.get("prompt_eval_count"), int):
-        record.prompt_tokens = reply["prompt_eval_count"]
-    if isinstance(reply.get("eval_count"), int):
-        record.completion_tokens = reply["eval_count"]
-    prompt_ns = reply.get("prompt_eval_duration")
-    if isinstance(prompt_ns, int):
-        record.node_ttft_ms = prompt_ns / 1e6
-    eval_ns = reply.get("eval_duration")
-    if isinstance(eval_ns, int) and eval_ns > 0 and record.completion_tokens:
-        record.node_decode_tps = record.completion_tokens / (eval_ns / 1e9)
 
 
 def _text_of(line: dict[str, Any]) -> str:

@@ -27,7 +27,14 @@ def test_ollama_native_error_text():
     assert error.error_type == "invalid_request_error"
 
 
-@pytest.mark.parametrize("status", [500, 501, 503])
+def test_unavailable_node_stays_503_and_may_be_retried():
+    error = upstream_error_from_reply(503, b"server busy", "node-a")
+    assert error.status_code == 503
+    assert "node-a" in error.message
+    assert "x-should-retry" not in error.headers
+
+
+@pytest.mark.parametrize("status", [500, 501, 502])
 def test_server_errors_become_bad_gateway(status):
     error = upstream_error_from_reply(status, b"boom", "node-a")
     assert error.status_code == 502

@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.fixtures import RouterProcess, write_router_config
 from tests.support.ollama_double import DoubleModel, OllamaDouble
+from tests.support.ollama_double_state import Faults
 
 pytestmark = pytest.mark.llamacpp
 
@@ -217,3 +218,42 @@ def test_openai_name_without_latest_reaches_ollama_node(router, double):
         reply = sdk.chat.completions.create(model="llama3.2", messages=MESSAGES, max_tokens=2)
     assert reply.model == "llama3.2"
     assert double.requests[-1][1]["model"] == OLLAMA_MODEL
+
+
+# -- faults on the Ollama node ------------------------------------------------------
+
+
+@pytest.fixture
+def faulty_double(double):
+    yield double
+    double.faults = Faults()
+
+
+def test_error_mid_stream_reaches_ollama_client_as_error_line(client, faulty_double):
+    faulty_double.faults = Faults(error_mid_stream=2)
+    parts = []
+    with pytest.raises(ollama.ResponseError):
+        for part in client.chat(model=OLLAMA_MODEL, messages=MESSAGES, stream=True):
+            parts.append(part)
+    assert len(parts) == 2
+    assert all(part.done is False for part in parts)
+
+
+def test_error_mid_stream_reaches_openai_client_as_api_error(router, faulty_double):
+    faulty_double.faults = Faults(error_mid_stream=2)
+    with openai.OpenAI(base_url=router.base_url + "/v1", api_key="unused", max_retries=0) as sdk:
+        stream = sdk.chat.completions.create(model=OLLAMA_MODEL, messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError):
+            list(stream)
+
+
+def test_busy_ollama_node_is_a_503_in_ollama_shape(router, faulty_double):
+    faulty_double.faults = Faults(busy_503=True)
+    response = httpx.post(
+        router.base_url + "/api/chat",
+        json={"model": OLLAMA_MODEL, "messages": MESSAGES, "stream": False},
+    )
+    # The only node serving the model is busy: the router reports it, Ollama-style.
+    assert response.status_code == 503
+    assert set(response.json()) == {"error"}
+    assert "busy" in response.json()["error"]

@@ -1,5 +1,10 @@
-"""The OpenAI SDK through the router to an Ollama node (the Ollama double)."""
+"""The OpenAI SDK through the router to an Ollama node (the Ollama double).
 
+The router translates OpenAI requests to the node's native API, so these tests
+also check the field mapping on what the double received.
+"""
+
+import httpx
 import openai
 import pytest
 
@@ -46,15 +51,89 @@ def test_models_discovered_from_tags(client):
     assert sorted(model.id for model in client.models.list()) == ["llama3.2", "nomic-embed-text"]
 
 
-def test_chat_goes_through_openai_layer(client, double):
+def test_chat_goes_to_native_api(client, double):
     raw = client.chat.completions.with_raw_response.create(
         model=CHAT_MODEL, messages=MESSAGES, max_tokens=4
     )
     reply = raw.parse()
     assert raw.headers["x-sollol-node"] == "ollama-1"
     assert reply.model == CHAT_MODEL
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 4
-    assert double.requests[-1][0] == "/v1/chat/completions"
+    path, body = double.requests[-1]
+    assert path == "/api/chat"
+    assert body["options"] == {"num_predict": 4}
+    assert body["stream"] is False
+
+
+def test_openai_fields_map_to_ollama_options(client, double):
+    client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        max_tokens=3,
+        temperature=0.1,
+        top_p=0.5,
+        seed=7,
+        stop="END",
+        response_format={"type": "json_object"},
+        extra_body={"keep_alive": "10m", "options": {"num_ctx": 8192}, "top_k": 4},
+    )
+    body = double.requests[-1][1]
+    assert body["options"] == {
+        "num_ctx": 8192,
+        "num_predict": 3,
+        "temperature": 0.1,
+        "top_p": 0.5,
+        "seed": 7,
+        "stop": ["END"],
+        "top_k": 4,
+    }
+    assert body["format"] == "json"
+    assert body["keep_alive"] == "10m"
+
+
+def test_tool_call_arguments_become_an_object(client, double):
+    history = [
+        {"role": "user", "content": "add"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+    ]
+    client.chat.completions.create(model=CHAT_MODEL, messages=history, max_tokens=2)
+    sent = double.requests[-1][1]["messages"]
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": {"a": 1}}
+    assert sent[2]["tool_call_id"] == "call_1"
+
+
+def test_completion_goes_to_generate_raw(client, double):
+    reply = client.completions.create(model=CHAT_MODEL, prompt="The router", max_tokens=3)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text
+    path, body = double.requests[-1]
+    assert path == "/api/generate"
+    assert (body["prompt"], body["raw"]) == ("The router", True)
+
+
+def test_token_id_prompt_is_400_for_ollama_node(client):
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model=CHAT_MODEL, prompt=[1, 2, 3], max_tokens=3)
+
+
+def test_history_keeps_ollama_timings(ollama_router, client):
+    client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=4)
+    nodes = httpx.get(ollama_router.base_url + "/health").json()["nodes"]
+    # Decode speed comes from the node's own eval_duration, not the router's clock.
+    assert nodes[0]["decode_tokens_per_s"] > 0
 
 
 def test_stream_matches_plain_reply(client):
@@ -91,7 +170,7 @@ def test_priority_field_not_forwarded(client, double):
         model=CHAT_MODEL, messages=MESSAGES, max_tokens=2, extra_body={"priority": 9}
     )
     path, body = double.requests[-1]
-    assert path == "/v1/chat/completions"
+    assert path == "/api/chat"
     assert "priority" not in body
 
 
