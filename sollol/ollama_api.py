@@ -37,6 +37,7 @@ from .ollama_wire import (
     now_rfc3339,
 )
 from .openai_api import read_json_body
+from .request_fields import OLLAMA_FIELDS, OLLAMA_MESSAGE, OLLAMA_OPTIONS, check_fields
 from .sse import Event
 from .upstream import UpstreamConnectionError
 
@@ -369,7 +370,19 @@ class OllamaRoutes:
             return None
 
     async def _read_body(self, request: Request) -> dict[str, Any]:
-        return await read_json_body(request, self._max_body_bytes)
+        """Read the body and check the fields the router reads or translates."""
+        body = await read_json_body(request, self._max_body_bytes)
+        check_fields(body, OLLAMA_FIELDS)
+        if isinstance(body.get("options"), dict):
+            check_fields(body["options"], OLLAMA_OPTIONS)
+        messages = body.get("messages")
+        for position, message in enumerate(messages if isinstance(messages, list) else []):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidRequestError(
+                    f"messages[{position}] must be an object with a string 'role'"
+                )
+            check_fields(message, OLLAMA_MESSAGE)
+        return body
 
     def _model_of(self, body: dict[str, Any]) -> str:
         name = body.get("model")

@@ -88,10 +88,14 @@ class Opened:
 class _FailedAttempt(Exception):
     """One node could not serve the request; another may."""
 
-    def __init__(self, error: SollolError, *, unreachable: bool = False) -> None:
+    def __init__(
+        self, error: SollolError, *, unreachable: bool = False, replied: bool = False
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.unreachable = unreachable
+        # The node answered, with a 5xx or an error event, rather than failing to.
+        self.replied = replied
 
 
 class Proxy:
@@ -125,6 +129,10 @@ class Proxy:
             opened = await self._open_until_disconnect(request, record, started)
         except SollolError as exc:
             self.fail(record, started, exc)
+            raise
+        except Exception:
+            record.status, record.outcome, record.error = 500, "error", "internal router error"
+            self.finish(record, started)
             raise
         except BaseException:
             record.outcome = "cancelled"
@@ -168,6 +176,9 @@ class Proxy:
         """
         tried: set[int] = set()
         last_error: SollolError | None = None
+        # Nodes that answered this request with an error (5xx, an error event):
+        # counted against their breakers only if another node then serves it.
+        rejected: list[tuple[Node, str]] = []
         for _ in range(max(1, self.settings.max_attempts)):
             decision = self.cluster.choose(
                 request.model, request.features, request.policy, frozenset(tried)
@@ -188,6 +199,8 @@ class Proxy:
                 self.cluster.signals.observe(node.index, ok=False)
                 if failure.unreachable:
                     self.cluster.mark_unreachable(node, failure.error.message)
+                elif failure.replied:
+                    rejected.append((node, failure.error.message))
                 else:
                     self.cluster.request_failed(node, failure.error.message)
                 last_error = failure.error
@@ -204,9 +217,16 @@ class Proxy:
                 raise
             if not request.stream:
                 self.cluster.release(node)
+            for failed_node, message in rejected:
+                self.cluster.request_failed(failed_node, message)
             return opened
 
         if last_error is not None:
+            if rejected:
+                # Every node that answered rejected the request: most likely the
+                # request is at fault (llama-server answers 500 to some bad
+                # input), so no breaker opens and other clients keep their nodes.
+                log.info("all nodes rejected a request to %s; no breaker counts it", request.route)
             raise last_error
         raise NoNodeAvailableError(
             f"no node can serve model '{request.model}' right now: every node serving it is "
@@ -238,7 +258,7 @@ class Proxy:
                     error = upstream_error_from_reply(upstream.status, error_body, node.name)
                     if upstream.status < 500:
                         raise error
-                    raise _FailedAttempt(error)
+                    raise _FailedAttempt(error, replied=True)
                 if not request.stream:
                     body = await upstream.read()
                     await stack.aclose()
@@ -350,7 +370,8 @@ async def _first_events(upstream: UpstreamResponse, parser: SSEParser, node: Nod
             message = error_message(first_data)
             if message is not None:
                 raise _FailedAttempt(
-                    UpstreamError(f"node {node.name} failed before its first token: {message}")
+                    UpstreamError(f"node {node.name} failed before its first token: {message}"),
+                    replied=True,
                 )
             return events
 

@@ -26,19 +26,22 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 # llama.cpp keeps token ids in an int32_t (llama_token).
 MAX_TOKEN_ID = 2**31 - 1
+# llama-server reads the number of tokens to generate into an int32 as well;
+# a larger value came back as a negative one in its error message.
+MAX_TOKEN_COUNT = 2**31 - 1
 
 
 def _nullable(*types: str, **constraints: Any) -> JsonSchema:
     return {"type": [*types, "null"], **constraints}
 
 
-def _integer(minimum: int = INT64_MIN) -> JsonSchema:
-    return _nullable("integer", minimum=minimum, maximum=INT64_MAX)
+def _integer(minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> JsonSchema:
+    return _nullable("integer", minimum=minimum, maximum=maximum)
 
 
 # Fields of both /v1/chat/completions and /v1/completions.
 SAMPLING_FIELDS: dict[str, JsonSchema] = {
-    "max_tokens": _integer(minimum=0),
+    "max_tokens": _integer(minimum=0, maximum=MAX_TOKEN_COUNT),
     "n": _integer(minimum=1),
     "temperature": _nullable("number"),
     "top_p": _nullable("number"),
@@ -52,7 +55,7 @@ SAMPLING_FIELDS: dict[str, JsonSchema] = {
 
 CHAT_FIELDS: dict[str, JsonSchema] = {
     **SAMPLING_FIELDS,
-    "max_completion_tokens": _integer(minimum=0),
+    "max_completion_tokens": _integer(minimum=0, maximum=MAX_TOKEN_COUNT),
     "logprobs": _nullable("boolean"),
     "top_logprobs": _integer(minimum=0),
     "tools": _nullable("array", items={"type": "object"}),
@@ -73,6 +76,44 @@ COMPLETION_FIELDS: dict[str, JsonSchema] = {
 EMBEDDING_FIELDS: dict[str, JsonSchema] = {
     "dimensions": _integer(minimum=1),
     "user": _nullable("string"),
+}
+
+# Ollama's native API (/api/chat, /api/generate, /api/embed): the fields the
+# router reads or translates. Ollama's num_predict: -1 means no limit, -2
+# fill the context.
+OLLAMA_FIELDS: dict[str, JsonSchema] = {
+    "stream": _nullable("boolean"),
+    "raw": _nullable("boolean"),
+    "system": _nullable("string"),
+    "options": _nullable("object"),
+    "format": _nullable("string", "object"),
+    "keep_alive": _nullable("string", "number"),
+    "tools": _nullable("array", items={"type": "object"}),
+    "images": _nullable("array", items={"type": "string"}),
+    "dimensions": _integer(minimum=1),
+}
+OLLAMA_OPTIONS: dict[str, JsonSchema] = {
+    "num_predict": _integer(minimum=-2, maximum=MAX_TOKEN_COUNT),
+    "num_ctx": _integer(minimum=1, maximum=MAX_TOKEN_COUNT),
+    "temperature": _nullable("number"),
+    "top_p": _nullable("number"),
+    "top_k": _integer(),
+    "min_p": _nullable("number"),
+    "typical_p": _nullable("number"),
+    "seed": _integer(),
+    "stop": _nullable("array", items={"type": "string"}),
+    "repeat_penalty": _nullable("number"),
+    "repeat_last_n": _integer(),
+    "presence_penalty": _nullable("number"),
+    "frequency_penalty": _nullable("number"),
+}
+OLLAMA_MESSAGE: dict[str, JsonSchema] = {
+    "role": {"type": "string"},
+    "content": _nullable("string"),
+    "images": _nullable("array", items={"type": "string"}),
+    "tool_calls": _nullable("array", items={"type": "object"}),
+    "tool_call_id": _nullable("string"),
+    "tool_name": _nullable("string"),
 }
 
 TYPE_NAMES = {

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -95,7 +96,10 @@ class HeaderSizeLimit:
             f"{self.max_header_bytes} bytes (max_header_bytes)"
         )
         access_log.info("%s %s status=431 error=%s", scope["method"], scope["path"], message)
-        body = openai_error_body(message, "invalid_request_error")
+        if scope["path"].startswith("/api/"):
+            body = orjson.dumps({"error": message})  # Ollama's error shape on its routes
+        else:
+            body = openai_error_body(message, "invalid_request_error")
         await send(
             {
                 "type": "http.response.start",

@@ -80,6 +80,12 @@ class StreamRelay:
                 self._closed = True
                 self._proxy.fail(self._record, self._started, exc)
                 raise
+            except Exception:
+                self._closed = True
+                self._record.status, self._record.outcome = 500, "error"
+                self._record.error = "internal router error"
+                self._proxy.finish(self._record, self._started)
+                raise
             headers["x-sollol-node"] = self._opened.node.name
         headers["x-sollol-policy"] = self._record.policy or ""
         # Until the stream ends by itself, a close means the client went away.

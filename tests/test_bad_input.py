@@ -282,7 +282,7 @@ async def test_bad_field_message_names_range(client):
     response = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": -1})
     error = error_of(response, 400)
     assert error["message"] == (
-        "'max_tokens' must be an integer from 0 to 9223372036854775807 or null, got -1"
+        "'max_tokens' must be an integer from 0 to 2147483647 or null, got -1"
     )
 
 
@@ -576,3 +576,11 @@ def test_long_query_counts_toward_limit(header_limited_router):
     )
     reply = raw_exchange(header_limited_router.base_url, request)
     assert status_and_body(reply)[0].startswith(b"HTTP/1.1 431 "), reply[:300]
+
+
+async def test_max_tokens_beyond_int32_is_400(client, fake_node):
+    # llama-server reads it into an int32; a larger value must not reach it.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2**31}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens"

@@ -281,6 +281,22 @@ def test_total_timeout_ends_a_long_stream(start_router, faulty):
 # -- breaker ----------------------------------------------------------------
 
 
+def test_request_every_node_rejects_opens_no_breaker(start_router, faulty):
+    # Both nodes answer 500 to everything, as llama-server does to some bad
+    # input: the request, not the nodes, is the likely cause.
+    nodes = [faulty("http_500"), faulty("http_500")]
+    entries = [{**faulty_entry(node), "name": f"n{index}"} for index, node in enumerate(nodes)]
+    router = start_router(entries)
+    for _ in range(5):
+        response = httpx.post(
+            router.base_url + "/v1/chat/completions",
+            json={"model": "tiny", "messages": MESSAGES},
+            timeout=30,
+        )
+        assert response.status_code == 502
+    assert {node_state(router, name)["breaker"] for name in ("n0", "n1")} == {"closed"}
+
+
 def test_fast_failing_node_is_cut_off_by_its_breaker(start_router, faulty, llama_nodes):
     node = faulty("http_500")
     router = start_router([faulty_entry(node), llama_entry(llama_nodes)], breaker_open_s=2.0)

@@ -257,3 +257,24 @@ def test_busy_ollama_node_is_a_503_in_ollama_shape(router, faulty_double):
     assert response.status_code == 503
     assert set(response.json()) == {"error"}
     assert "busy" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "tiny", "messages": MESSAGES, "options": "fast"},
+        {"model": "tiny", "messages": [1]},
+        {"model": "tiny", "messages": [{"role": "user", "content": "x", "tool_calls": "abc"}]},
+        {"model": "tiny", "messages": MESSAGES, "tools": "x"},
+        {"model": "tiny", "messages": MESSAGES, "stream": "yes"},
+        {"model": "tiny", "messages": MESSAGES, "options": {"num_predict": "x"}},
+        {"model": "tiny", "messages": MESSAGES, "options": {"num_predict": 2**31}},
+        {"model": "tiny", "messages": MESSAGES, "format": 5},
+        {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": [1]}]},
+    ],
+)
+def test_mistyped_ollama_fields_are_400_before_any_node(router, body):
+    response = httpx.post(router.base_url + "/api/chat", json=body)
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error"}
+    assert response.json()["error"]
