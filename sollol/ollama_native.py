@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 
 from .errors import InvalidRequestError
+from .ollama_wire import openai_tool_call
 
 _OPTION_FIELDS = (
     "temperature",
@@ -198,7 +199,7 @@ class OpenAIReplyBuilder:
                 "role": "assistant",
                 "content": message.get("content") or "",
             }
-            calls = [self._openai_call(call) for call in message.get("tool_calls") or []]
+            calls = [openai_tool_call(call, _call_id()) for call in message.get("tool_calls") or []]
             if calls:
                 out_message["tool_calls"] = calls
             choice: dict[str, Any] = {"index": 0, "message": out_message, "logprobs": None}
@@ -228,7 +229,10 @@ class OpenAIReplyBuilder:
             calls = message.get("tool_calls") or []
             if calls:
                 delta["tool_calls"] = [
-                    {"index": self._tool_calls + index, **self._openai_call(call)}
+                    {
+                        "index": self._tool_calls + index,
+                        **openai_tool_call(call, _call_id()),
+                    }
                     for index, call in enumerate(calls)
                 ]
                 self._tool_calls += len(calls)
@@ -270,20 +274,9 @@ class OpenAIReplyBuilder:
             completion if isinstance(completion, int) else 0,
         )
 
-    @staticmethod
-    def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
-        function = call.get("function") or {}
-        arguments = function.get("arguments", {})
-        return {
-            "id": call.get("id") or f"call_{uuid.uuid4().hex[:8]}",
-            "type": "function",
-            "function": {
-                "name": function.get("name", ""),
-                "arguments": arguments
-                if isinstance(arguments, str)
-                else orjson.dumps(arguments).decode(),
-            },
-        }
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:8]}"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

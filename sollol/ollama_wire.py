@@ -100,7 +100,7 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
     tool_calls = message.get("tool_calls")
     if tool_calls:
         out["tool_calls"] = [
-            _openai_tool_call(call, index) for index, call in enumerate(tool_calls)
+            openai_tool_call(call, f"call_{index}") for index, call in enumerate(tool_calls)
         ]
     if message.get("tool_call_id"):
         out["tool_call_id"] = message["tool_call_id"]
@@ -109,11 +109,12 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _openai_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+def openai_tool_call(call: dict[str, Any], fallback_id: str) -> dict[str, Any]:
+    """Return an Ollama tool call in OpenAI's shape; ``fallback_id`` when it has no id."""
     function = call.get("function") or {}
     arguments = function.get("arguments", {})
     return {
-        "id": call.get("id") or f"call_{index}",
+        "id": call.get("id") or fallback_id,
         "type": "function",
         "function": {
             "name": function.get("name", ""),

@@ -7,28 +7,24 @@ a 200 with a minimal OpenAI-shaped reply, streamed when the body has
 tests can check what the router forwarded.
 """
 
-import asyncio
 import base64
-import socket
 import struct
-import threading
 import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from .threaded_server import ThreadedServer
+
 EMBEDDING_DIMENSIONS = 4
 
 
-class FakeOpenAINode:
+class FakeOpenAINode(ThreadedServer):
     def __init__(self, models: tuple[str, ...] = ("tiny",)) -> None:
+        super().__init__()
         self.models = models
         self.received: list[tuple[str, dict[str, Any]]] = []
-        self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "FakeOpenAINode":
         return self.start()
@@ -36,39 +32,13 @@ class FakeOpenAINode:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def start(self) -> "FakeOpenAINode":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(sock, ready), daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake node did not start within 10 s")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(10)
-
-    def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/embeddings", self._embeddings)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.SockSite(self._runner, sock).start())
-        ready.set()
-        self._loop.run_forever()
-        self._loop.close()
+        return app
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": model, "object": "model", "owned_by": "fake"} for model in self.models]
