@@ -1,6 +1,7 @@
+import orjson
 import pytest
 
-from sollol.sse import SSEParser
+from sollol.sse import LineParser, SSEParser
 
 STREAM = (
     'data: {"delta": "caf\u00e9 \u2603"}\n\n'
@@ -67,3 +68,36 @@ def test_finish_without_held_cr_adds_nothing():
 def test_data_without_space():
     events, _ = parse_all([b"data:x\n\n"])
     assert events[0].data == b"x"
+
+
+# -- newline-delimited JSON (Ollama's streams) ---------------------------------------
+
+NDJSON = (
+    "".join(
+        orjson.dumps({"message": {"content": piece}, "done": False}).decode() + "\n"
+        for piece in ("héllo", " wörld", " ✓")
+    ).encode()
+    + b'{"done": true}\n'
+)
+
+
+@pytest.mark.parametrize("split_at", range(len(NDJSON)))
+def test_ndjson_split_anywhere_gives_same_lines(split_at):
+    # Includes splits inside the two-byte and three-byte UTF-8 sequences.
+    parser = LineParser()
+    events = parser.feed(NDJSON[:split_at]) + parser.feed(NDJSON[split_at:])
+    assert [orjson.loads(event.data) for event in events] == [
+        orjson.loads(line) for line in NDJSON.splitlines()
+    ]
+    assert parser.pending == b""
+
+
+def test_ndjson_last_line_without_newline_counts_at_finish():
+    parser = LineParser()
+    [first] = parser.feed(b'{"a": 1}\n\n{"b"')  # the empty line is skipped
+    assert first.data == b'{"a": 1}'
+    assert parser.pending == b'{"b"'
+    assert parser.feed(b": 2}") == []
+    [last] = parser.finish()
+    assert last.data == b'{"b": 2}'
+    assert last.raw == b'{"b": 2}\n'
