@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import NodeConfig, NodeKind
 from .health import HealthPolicy, NodeHealth
+from .probes import LOADING, llama_load, model_sizes, probe_node
 from .routing.engine import Decision, NodeSignals, RoutingEngine
 from .routing.features import RequestFeatures
 from .routing.layout import COL_IN_FLIGHT, COL_SLOTS_TOTAL, MODEL_FITS, MODEL_LOADED
@@ -24,7 +25,6 @@ from .upstream import UpstreamClient, UpstreamConnectionError
 log = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-LOADING = "loading"  # llama-server's /health returns 503 while it loads the model
 
 
 def model_key(name: str) -> str:
@@ -242,7 +242,7 @@ class Cluster:
     async def _probe(self, client: UpstreamClient, node: Node, timeout_s: float) -> None:
         was_up = node.health.up
         try:
-            healthy, models, detail = await _probe_node(client, node, timeout_s)
+            healthy, models, detail = await probe_node(client, node, timeout_s)
         except UpstreamConnectionError as exc:
             healthy, models, detail = False, None, str(exc)
         now = time.monotonic()
@@ -283,7 +283,7 @@ class Cluster:
         """
         try:
             if node.kind is NodeKind.LLAMACPP:
-                load = await _llama_load(client, node, timeout_s)
+                load = await llama_load(client, node, timeout_s)
                 self.signals.set_slots(node.index, load.total_slots)
                 # Busy slots beyond the router's own requests are load from
                 # other clients of the same node; deferred requests wait there.
@@ -292,7 +292,7 @@ class Cluster:
                     self.signals.set_queue_depth(node.index, float(others + load.deferred))
                 self._set_loaded(node, node.models)
                 if node.config.memory_bytes is not None:
-                    sizes = await _model_sizes(client, node, timeout_s, "/v1/models")
+                    sizes = await model_sizes(client, node, timeout_s, "/v1/models")
                     self._set_fits(node, sizes)
             elif node.kind is NodeKind.OLLAMA:
                 status, body = await client.get(node.url + "/api/ps", timeout_s=timeout_s)
@@ -305,7 +305,7 @@ class Cluster:
                         node, {model_key(name) for name in loaded if isinstance(name, str)}
                     )
                 if node.config.memory_bytes is not None:
-                    sizes = await _model_sizes(client, node, timeout_s, "/api/tags")
+                    sizes = await model_sizes(client, node, timeout_s, "/api/tags")
                     self._set_fits(node, sizes)
         except UpstreamConnectionError as exc:
             log.debug("reading load signals of node %s failed: %s", node.name, exc)
@@ -336,119 +336,3 @@ class Cluster:
             model: np.asarray(indices, dtype=np.int64) for model, indices in by_model.items()
         }
         self.on_capacity()
-
-
-async def _probe_node(
-    client: UpstreamClient, node: Node, timeout_s: float
-) -> tuple[bool, dict[str, dict] | None, str]:
-    """Return (healthy, discovered models and their listing entries or None, detail).
-
-    llama-server returns 503 on every route while it loads its model, so a 503
-    there means "not ready yet"; the node joins once /health returns 200.
-    """
-    # Probes to llama-server use a connection of their own, for the reason
-    # given in proxy._pools_connections.
-    pooled = node.kind is not NodeKind.LLAMACPP
-    if node.kind is NodeKind.LLAMACPP:
-        status, _ = await client.get(node.url + "/health", timeout_s=timeout_s, pooled=pooled)
-        if status != 200:
-            return False, None, LOADING if status == 503 else f"/health returned HTTP {status}"
-    elif node.kind is NodeKind.OLLAMA:
-        status, _ = await client.get(node.url + "/api/version", timeout_s=timeout_s)
-        if status != 200:
-            return False, None, f"/api/version returned HTTP {status}"
-
-    if node.config.models:
-        if node.kind is NodeKind.OPENAI:
-            status, _ = await client.get(node.url + "/v1/models", timeout_s=timeout_s)
-            if status != 200:
-                return False, None, f"/v1/models returned HTTP {status}"
-        return True, None, "ok"
-
-    if node.kind is NodeKind.OLLAMA:
-        status, body = await client.get(node.url + "/api/tags", timeout_s=timeout_s)
-        if status != 200:
-            return False, None, f"/api/tags returned HTTP {status}"
-        listing = body.get("models") if isinstance(body, dict) else None
-        entries = [entry for entry in listing or [] if isinstance(entry, dict)]
-        names = [entry.get("name") for entry in entries]
-    else:
-        status, body = await client.get(node.url + "/v1/models", timeout_s=timeout_s, pooled=pooled)
-        if status != 200:
-            return False, None, f"/v1/models returned HTTP {status}"
-        listing = body.get("data") if isinstance(body, dict) else None
-        entries = [entry for entry in listing or [] if isinstance(entry, dict)]
-        names = [entry.get("id") for entry in entries]
-    return (
-        True,
-        {name: entry for name, entry in zip(names, entries, strict=True) if _is_name(name)},
-        "ok",
-    )
-
-
-def _is_name(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-@dataclass(frozen=True, slots=True)
-class _LlamaLoad:
-    total_slots: int | None = None
-    busy_slots: int | None = None
-    deferred: int = 0
-
-
-async def _llama_load(client: UpstreamClient, node: Node, timeout_s: float) -> _LlamaLoad:
-    """Read llama-server's slots (/props, /slots) and, when enabled, its /metrics queue."""
-    total = busy = None
-    deferred = 0
-    status, props = await client.get(node.url + "/props", timeout_s=timeout_s, pooled=False)
-    if status == 200 and isinstance(props, dict):
-        if isinstance(props.get("total_slots"), int):
-            total = props["total_slots"]
-        if props.get("endpoint_metrics") is True:
-            deferred = await _llama_deferred(client, node, timeout_s)
-    if node.unary_in_flight:
-        # A /slots request during a non-streamed reply can make llama-server
-        # miss that the client closed the connection, and generate to the end
-        # (seen in 8 of 9 tries), so the busy count waits for the next probe.
-        return _LlamaLoad(total, None, deferred)
-    status, slots = await client.get(node.url + "/slots", timeout_s=timeout_s, pooled=False)
-    if status == 200 and isinstance(slots, list):
-        busy = sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing"))
-    return _LlamaLoad(total, busy, deferred)
-
-
-async def _llama_deferred(client: UpstreamClient, node: Node, timeout_s: float) -> int:
-    """Return the ``llamacpp:requests_deferred`` gauge of a node started with --metrics."""
-    status, text = await client.get_text(node.url + "/metrics", timeout_s=timeout_s)
-    if status != 200:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("llamacpp:requests_deferred "):
-            try:
-                return max(0, int(float(line.split()[1])))
-            except ValueError:
-                return 0
-    return 0
-
-
-async def _model_sizes(
-    client: UpstreamClient, node: Node, timeout_s: float, path: str
-) -> dict[str, int]:
-    """Return model sizes in bytes from /api/tags (Ollama) or /v1/models meta (llama-server)."""
-    pooled = node.kind is not NodeKind.LLAMACPP
-    status, body = await client.get(node.url + path, timeout_s=timeout_s, pooled=pooled)
-    if status != 200 or not isinstance(body, dict):
-        return {}
-    sizes = {}
-    if path == "/api/tags":
-        for entry in body.get("models") or []:
-            if isinstance(entry, dict) and isinstance(entry.get("size"), int):
-                sizes[str(entry.get("name"))] = entry["size"]
-    else:
-        for entry in body.get("data") or []:
-            meta = entry.get("meta") if isinstance(entry, dict) else None
-            if isinstance(meta, dict) and isinstance(meta.get("size"), int):
-                for name in node.models or {entry.get("id")}:
-                    sizes[str(name)] = meta["size"]
-    return sizes

@@ -97,7 +97,7 @@ def test_stream_cancelled_by_client_stops_generation(router, long_node):
 
 # The router's probes (every second here) skip llama-server's /slots while a
 # non-streamed request is in flight: a /slots request during such a reply can
-# make llama-server miss that the connection closed (see cluster._llama_load).
+# make llama-server miss that the connection closed (see probes.llama_load).
 def test_non_streamed_request_cancelled_by_client_stops_generation(router, long_node):
     url = router.base_url + "/v1/chat/completions"
     with pytest.raises(httpx.ReadTimeout):

@@ -2,8 +2,9 @@
 
 import pytest
 
-from sollol.cluster import Cluster, _llama_deferred, _llama_load
+from sollol.cluster import Cluster
 from sollol.config import NodeConfig, NodeKind
+from sollol.probes import llama_deferred, llama_load
 from sollol.routing.layout import COL_QUEUE_DEPTH, COL_SLOTS_TOTAL
 
 METRICS = """# HELP llamacpp:requests_processing Number of requests processing.
@@ -43,14 +44,14 @@ async def test_llama_load_reads_slots_and_deferred():
         },
         {"/metrics": METRICS},
     )
-    load = await _llama_load(client, cluster.nodes[0], 1.0)  # type: ignore[arg-type]
+    load = await llama_load(client, cluster.nodes[0], 1.0)  # type: ignore[arg-type]
     assert (load.total_slots, load.busy_slots, load.deferred) == (4, 1, 3)
 
 
 async def test_llama_load_without_metrics_endpoint():
     cluster = llama_node()
     client = CannedClient({"/props": {"total_slots": 2, "endpoint_metrics": False}})
-    load = await _llama_load(client, cluster.nodes[0], 1.0)  # type: ignore[arg-type]
+    load = await llama_load(client, cluster.nodes[0], 1.0)  # type: ignore[arg-type]
     assert (load.total_slots, load.busy_slots, load.deferred) == (2, None, 0)
 
 
@@ -58,7 +59,7 @@ async def test_llama_load_without_metrics_endpoint():
 async def test_deferred_defaults_to_zero(text):
     cluster = llama_node()
     client = CannedClient({}, {"/metrics": text})
-    assert await _llama_deferred(client, cluster.nodes[0], 1.0) == 0  # type: ignore[arg-type]
+    assert await llama_deferred(client, cluster.nodes[0], 1.0) == 0  # type: ignore[arg-type]
 
 
 async def test_other_clients_load_counts_as_queue():
