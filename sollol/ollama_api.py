@@ -27,7 +27,14 @@ from .errors import InvalidRequestError, SollolError
 from .ollama_dialect import CHAT, EMBED, EMBEDDINGS_LEGACY, GENERATE, embed_texts
 from .ollama_wire import now_rfc3339
 from .openai_api import read_json_body
-from .request_fields import OLLAMA_FIELDS, OLLAMA_MESSAGE, OLLAMA_OPTIONS, check_fields
+from .request_fields import (
+    OLLAMA_FIELDS,
+    OLLAMA_MESSAGE,
+    OLLAMA_OPTIONS,
+    check_fields,
+    check_tool_calls,
+    check_tools,
+)
 from .upstream import UpstreamConnectionError
 
 if TYPE_CHECKING:
@@ -220,6 +227,12 @@ class OllamaRoutes:
                     f"messages[{position}] must be an object with a string 'role'"
                 )
             check_fields(message, OLLAMA_MESSAGE)
+            check_tool_calls(
+                message.get("tool_calls"),
+                f"messages[{position}].tool_calls",
+                arguments_as_string=False,
+            )
+        check_tools(body.get("tools"))
         return body
 
     def _model_of(self, body: dict[str, Any]) -> str:

@@ -28,6 +28,8 @@ from .request_fields import (
     MAX_TOKEN_ID,
     TYPE_NAMES,
     check_fields,
+    check_tool_calls,
+    check_tools,
     json_type_of,
 )
 from .routing.features import (
@@ -129,6 +131,10 @@ def _check_messages(body: dict[str, Any]) -> None:
                 param=f"messages[{position}]",
             )
         _check_content(message.get("content"), f"messages[{position}].content")
+        check_tool_calls(
+            message.get("tool_calls"), f"messages[{position}].tool_calls", arguments_as_string=True
+        )
+    check_tools(body.get("tools"))
 
 
 def _check_content(content: Any, param: str) -> None:

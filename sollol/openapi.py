@@ -24,6 +24,7 @@ from .request_fields import (
     COMPLETION_FIELDS,
     EMBEDDING_FIELDS,
     MAX_TOKEN_ID,
+    TOOL_CALL,
     JsonSchema,
 )
 from .routing.layout import POLICY_IDS
@@ -121,6 +122,7 @@ SCHEMAS: dict[str, JsonSchema] = {
         "properties": {
             "role": {"type": "string"},
             "content": {"type": ["string", "array", "null"], "items": _ref("ContentPart")},
+            "tool_calls": {"type": ["array", "null"], "items": TOOL_CALL},
         },
         "additionalProperties": True,
     },

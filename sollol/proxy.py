@@ -201,6 +201,8 @@ class Proxy:
                     self.cluster.mark_unreachable(node, failure.error.message)
                 elif failure.replied:
                     rejected.append((node, failure.error.message))
+                    # The node produced this error's text, so the reply names it.
+                    failure.error.headers.setdefault("x-sollol-node", node.name)
                 else:
                     self.cluster.request_failed(node, failure.error.message)
                 last_error = failure.error

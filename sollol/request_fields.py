@@ -39,6 +39,31 @@ def _integer(minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> JsonSchema:
     return _nullable("integer", minimum=minimum, maximum=maximum)
 
 
+# A function the model may call, and a call it made. check_fields reads only
+# the item type; check_tools and check_tool_calls check the rest, which the
+# OpenAPI document publishes from here.
+_FUNCTION_NAME: JsonSchema = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}},
+}
+TOOL: JsonSchema = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {"function": _FUNCTION_NAME},
+}
+TOOL_CALL: JsonSchema = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        }
+    },
+}
+
 # Fields of both /v1/chat/completions and /v1/completions.
 SAMPLING_FIELDS: dict[str, JsonSchema] = {
     "max_tokens": _integer(minimum=0, maximum=MAX_TOKEN_COUNT),
@@ -58,7 +83,7 @@ CHAT_FIELDS: dict[str, JsonSchema] = {
     "max_completion_tokens": _integer(minimum=0, maximum=MAX_TOKEN_COUNT),
     "logprobs": _nullable("boolean"),
     "top_logprobs": _integer(minimum=0),
-    "tools": _nullable("array", items={"type": "object"}),
+    "tools": _nullable("array", items=TOOL),
     "tool_choice": _nullable("string", "object"),
     "parallel_tool_calls": _nullable("boolean"),
     "response_format": _nullable("object"),
@@ -88,7 +113,7 @@ OLLAMA_FIELDS: dict[str, JsonSchema] = {
     "options": _nullable("object"),
     "format": _nullable("string", "object"),
     "keep_alive": _nullable("string", "number"),
-    "tools": _nullable("array", items={"type": "object"}),
+    "tools": _nullable("array", items=TOOL),
     "images": _nullable("array", items={"type": "string"}),
     "dimensions": _integer(minimum=1),
 }
@@ -199,4 +224,45 @@ def check_fields(body: dict[str, Any], fields: dict[str, JsonSchema]) -> None:
         if not valid:
             raise InvalidRequestError(
                 f"'{name}' must be {describe(schema)}, got {short_repr(value)}", param=name
+            )
+
+
+def check_tool_calls(calls: Any, param: str, *, arguments_as_string: bool) -> None:
+    """Check ``tool_calls`` of one message: objects whose ``function`` has a string name.
+
+    OpenAI sends ``arguments`` as a JSON string, Ollama as an object. Nodes
+    answer a malformed tool call with a 500 of their own, so it is caught here.
+    """
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise InvalidRequestError(f"'{param}' must be an array of objects", param=param)
+    for index, call in enumerate(calls):
+        where = f"{param}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(
+                f"'{where}' must be an object whose 'function' has a string 'name'", param=where
+            )
+        arguments = function.get("arguments")
+        expected = str if arguments_as_string else (dict, str)
+        if arguments is not None and not isinstance(arguments, expected):
+            kind = "a JSON string" if arguments_as_string else "an object"
+            raise InvalidRequestError(
+                f"'{where}.function.arguments' must be {kind}", param=f"{where}.function.arguments"
+            )
+
+
+def check_tools(tools: Any) -> None:
+    """Check that each object in ``tools`` has a ``function`` with a string name."""
+    if tools is None:
+        return
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        if not isinstance(tool, dict):
+            continue  # the type check of the field table reports it
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            where = f"tools[{index}]"
+            raise InvalidRequestError(
+                f"'{where}' must be an object whose 'function' has a string 'name'", param=where
             )

@@ -366,7 +366,13 @@ async def test_nested_garbage_in_messages(client, fake_node, messages, param):
 async def test_content_parts_and_null_forwarded(client, fake_node):
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
         {"role": "tool", "content": "42", "tool_call_id": "c1"},
     ]
     response = await client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
@@ -584,3 +590,26 @@ async def test_max_tokens_beyond_int32_is_400(client, fake_node):
     response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": "x"}]}]},
+        {"messages": [{"role": "assistant", "tool_calls": "x"}]},
+        {
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+            ]
+        },
+        {"tools": [{"type": "function", "function": "x"}]},
+        {"tools": [{"type": "function", "function": {"name": 5}}]},
+    ],
+)
+async def test_malformed_tool_calls_are_400(client, fake_node, extra):
+    # llama-server answers these with a 500 of its own, so they must not reach it.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra}
+    before = len(fake_node.received)
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert len(fake_node.received) == before

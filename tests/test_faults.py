@@ -294,6 +294,8 @@ def test_request_every_node_rejects_opens_no_breaker(start_router, faulty):
             timeout=30,
         )
         assert response.status_code == 502
+        # The text comes from a node, so the reply names it.
+        assert response.headers["x-sollol-node"] in {"n0", "n1"}
     assert {node_state(router, name)["breaker"] for name in ("n0", "n1")} == {"closed"}
 
 

@@ -271,6 +271,13 @@ def test_busy_ollama_node_is_a_503_in_ollama_shape(router, faulty_double):
         {"model": "tiny", "messages": MESSAGES, "options": {"num_predict": 2**31}},
         {"model": "tiny", "messages": MESSAGES, "format": 5},
         {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": [1]}]},
+        {"model": "tiny", "messages": [{"role": "assistant", "tool_calls": [{"function": "x"}]}]},
+        {"model": "tiny", "messages": [{"role": "assistant", "tool_calls": [{"function": [1]}]}]},
+        {
+            "model": "tiny",
+            "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}],
+        },
+        {"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function", "function": "x"}]},
     ],
 )
 def test_mistyped_ollama_fields_are_400_before_any_node(router, body):

@@ -18,8 +18,6 @@ which falls when the router closes the connection.
 """
 
 import asyncio
-import socket
-import struct
 import threading
 import time
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .ollama_double_reply import reset_after_delivery, reset_connection
 from .threaded_server import ThreadedServer
 
 FAULTS = (
@@ -114,7 +113,7 @@ class FaultyNode(ThreadedServer):
             await response.write_eof()
             return response
         if fault == "reset_before":
-            _reset(request)
+            reset_connection(request)
             return response
 
         count = self.tokens
@@ -125,7 +124,7 @@ class FaultyNode(ThreadedServer):
                 await asyncio.sleep(self.token_interval_s)
             await response.write(b"data: " + orjson.dumps(self._chunk(f"t{index} ")) + b"\n\n")
         if fault == "reset_after":
-            _reset(request)
+            await reset_after_delivery(request)
             return response
         if fault == "stall_after":
             await asyncio.sleep(3600)
@@ -164,14 +163,3 @@ class FaultyNode(ThreadedServer):
                 "total_tokens": 3 + self.tokens,
             },
         }
-
-
-def _reset(request: web.Request) -> None:
-    """Abort the connection with a TCP reset rather than an orderly close."""
-    transport = request.transport
-    assert transport is not None
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        # SO_LINGER with a zero timeout makes close() send RST.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()

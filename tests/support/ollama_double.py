@@ -37,6 +37,7 @@ from .ollama_double_reply import (
     native_error,
     now_rfc3339,
     openai_error,
+    reset_after_delivery,
     reset_connection,
     timestamp_rfc3339,
 )
@@ -239,7 +240,7 @@ class OllamaDouble(OpenAILayer, ThreadedServer):
         if fault == "error_mid_stream":
             raise InjectedError(f"model runner failed after {produced} pieces (injected fault)")
         if fault == "reset_after":
-            reset_connection(request)
+            await reset_after_delivery(request)
         # The slot stays taken, as by a hung runner, until the client leaves
         # and aiohttp cancels this handler.
         await asyncio.Event().wait()

@@ -1,5 +1,6 @@
 """Wire pieces of the Ollama double: error bodies, lazy streams, timings, resets."""
 
+import asyncio
 import hashlib
 import socket
 import struct
@@ -74,6 +75,18 @@ class Timings:
             "eval_count": self.produced,
             "eval_duration": self.eval_ns,
         }
+
+
+# A TCP reset makes the peer's kernel drop bytes it has received but not yet
+# handed to the reading program. Waiting this long first lets a busy client
+# read the pieces sent before the fault, so tests see them every time.
+RESET_GRACE_S = 0.3
+
+
+async def reset_after_delivery(request: web.Request) -> None:
+    """Give the client time to read what was sent, then reset the connection."""
+    await asyncio.sleep(RESET_GRACE_S)
+    reset_connection(request)
 
 
 def reset_connection(request: web.Request) -> None:
