@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import SollolError, openai_error_body
 from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
+from .metrics import RouterMetrics
 from .ollama_api import OllamaRoutes, ollama_error_body
 from .openai_api import OpenAIRoutes
 from .openapi import openapi_route
@@ -63,7 +64,11 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         max_connections=settings.max_upstream_connections,
     )
     history = HistoryWriter(create_history_engine(settings.database_url))
-    proxy = Proxy(cluster=cluster, client=client, history=history, settings=settings)
+    metrics = RouterMetrics()
+    metrics.watch(cluster, scheduler, history)
+    proxy = Proxy(
+        cluster=cluster, client=client, history=history, settings=settings, metrics=metrics
+    )
     openai_routes = OpenAIRoutes(proxy, scheduler, max_body_bytes=settings.max_body_bytes)
     ollama_routes = OllamaRoutes(
         openai_routes,
@@ -129,6 +134,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             Route("/sollol/route", openai_routes.explain_route, methods=["GET"]),
             *openai_routes.routes(),
             *ollama_routes.routes(),
+            metrics.route(),
             openapi_route(),
         ],
         exception_handlers={
@@ -142,6 +148,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     app.state.history = history
     app.state.client = client
     app.state.scheduler = scheduler
+    app.state.metrics = metrics
     return app
 
 
@@ -149,6 +156,7 @@ async def _sollol_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SollolError)
     if not exc.recorded:
         # Rejected before reaching the proxy: bad input or an unknown model.
+        request.app.state.metrics.rejected.labels(_route_label(request), str(exc.status_code)).inc()
         access_log.info(
             "%s %s status=%d error=%s",
             request.method,
@@ -160,6 +168,13 @@ async def _sollol_error(request: Request, exc: Exception) -> Response:
     return Response(
         body, status_code=exc.status_code, headers=exc.headers, media_type="application/json"
     )
+
+
+def _route_label(request: Request) -> str:
+    """The route's template, never the raw path, so metric labels stay bounded."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "other"
 
 
 def _speaks_ollama(request: Request) -> bool:

@@ -171,6 +171,11 @@ class HistoryWriter:
         self.dropped_rows = 0
         self.written_rows = 0
 
+    @property
+    def buffered_rows(self) -> int:
+        """Rows recorded but not yet written."""
+        return len(self._queue)
+
     def start(self) -> None:
         self._thread.start()
 

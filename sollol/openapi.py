@@ -419,6 +419,15 @@ def _ollama_operation(summary: str, *, body: bool = True, streams: bool = False)
 
 OPERATIONS.update(
     {
+        ("/metrics", "GET"): {
+            "summary": "Prometheus metrics in the text exposition format",
+            "responses": {
+                "200": {
+                    "description": "The metrics.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
         ("/", "GET"): {
             "summary": "Ollama's liveness check: 'Ollama is running'",
             "tags": ["ollama"],

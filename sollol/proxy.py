@@ -34,6 +34,7 @@ from .errors import (
     upstream_error_from_reply,
 )
 from .history import HistoryWriter, RequestRecord
+from .metrics import RouterMetrics
 from .routing.engine import Decision
 from .routing.features import RequestFeatures
 from .sse import Event, LineParser, SSEParser
@@ -106,11 +107,13 @@ class Proxy:
         client: UpstreamClient,
         history: HistoryWriter,
         settings: Settings,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.cluster = cluster
         self.client = client
         self.history = history
         self.settings = settings
+        self.metrics = metrics
 
     async def forward(self, request: ProxyRequest) -> Response:
         record = RequestRecord(
@@ -335,6 +338,8 @@ class Proxy:
                 if request is not None:
                     self.cluster.engine.remember_prefix(request.features, node.index)
         self.history.record(record)
+        if self.metrics is not None:
+            self.metrics.observe(record)
         access_log.info(
             "%s model=%s node=%s status=%d outcome=%s attempts=%d latency_ms=%.1f "
             "ttft_ms=%s prompt_tokens=%s completion_tokens=%s",

@@ -64,6 +64,9 @@ class Scheduler:
         self._queues: dict[str, list[_Waiter]] = {}
         self._sequence = itertools.count()
 
+    def queued_by_model(self) -> dict[str, int]:
+        return {model: len(queue) for model, queue in self._queues.items() if queue}
+
     def queued(self, model: str | None = None) -> int:
         if model is not None:
             return len(self._queues.get(model, ()))
