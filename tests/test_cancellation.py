@@ -53,6 +53,12 @@ def router(long_node, tmp_path):
     process.stop()
 
 
+def _log_since(node, offset: int) -> bytes:
+    with open(node.log_path, "rb") as log_file:
+        log_file.seek(offset)
+        return log_file.read()
+
+
 def slot_busy(node) -> bool:
     slots = httpx.get(node.url + "/slots", timeout=5).json()
     return any(slot["is_processing"] for slot in slots)
@@ -95,14 +101,18 @@ def test_stream_cancelled_by_client_stops_generation(router, long_node):
     assert row["completion_tokens"] >= 5
 
 
-# The router's probes (every second here) skip llama-server's /slots while a
-# non-streamed request is in flight: a /slots request during such a reply can
-# make llama-server miss that the connection closed (see probes.llama_load).
 def test_non_streamed_request_cancelled_by_client_stops_generation(router, long_node):
+    # A /slots request during a non-streamed reply can make llama-server miss
+    # that the connection closed (see probes.llama_load), so this test asks
+    # nothing of the node until its log says the task was cancelled.
+    log_start = long_node.log_path.stat().st_size
     url = router.base_url + "/v1/chat/completions"
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json=LONG_REPLY, timeout=httpx.Timeout(5.0, read=1.0))
-    assert seconds_until_idle(long_node) < 1.0
+    left = time.monotonic()
+    wait_for(lambda: b"cancel task" in _log_since(long_node, log_start), "llama-server to cancel")
+    assert time.monotonic() - left < 1.0
+    assert not slot_busy(long_node)
 
     [row] = history_rows(router.database_path, 1)
     assert row["outcome"] == "cancelled"
