@@ -13,7 +13,8 @@ request ids ever become labels.
 """
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +38,19 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@dataclass(frozen=True, slots=True)
+class _Children:
+    """The labelled series one kind of request updates."""
+
+    requests: Any
+    failovers: Any
+    latency: Any
+    ttft: Any
+    decode_speed: Any
+    prompt_tokens: Any
+    completion_tokens: Any
 
 
 class RouterMetrics:
@@ -89,31 +103,39 @@ class RouterMetrics:
             ["route", "model"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str, str, str, int, str], _Children] = {}
 
     def observe(self, record: "RequestRecord") -> None:
         """Count one finished request from its history record."""
         node = record.node or ""
-        self.requests.labels(
-            record.route,
-            record.model,
-            node,
-            record.policy or "",
-            str(record.status),
-            record.outcome,
-        ).inc()
+        key = (record.route, record.model, node, record.policy or "", record.status, record.outcome)
+        children = self._children.get(key)
+        if children is None:
+            # labels() validates and locks on every call; the children of one
+            # label set are looked up once and kept (as many as label sets).
+            children = self._children[key] = _Children(
+                requests=self.requests.labels(*key[:4], str(record.status), record.outcome),
+                failovers=self.failovers.labels(record.route, record.model),
+                latency=self.latency.labels(record.route, record.model, node),
+                ttft=self.ttft.labels(record.model, node),
+                decode_speed=self.decode_speed.labels(record.model, node),
+                prompt_tokens=self.tokens.labels(record.model, node, "prompt"),
+                completion_tokens=self.tokens.labels(record.model, node, "completion"),
+            )
+        children.requests.inc()
         if record.attempts > 1:
-            self.failovers.labels(record.route, record.model).inc()
+            children.failovers.inc()
         if not node:
             return
-        self.latency.labels(record.route, record.model, node).observe(record.latency_ms / 1000)
+        children.latency.observe(record.latency_ms / 1000)
         if record.ttft_ms is not None:
-            self.ttft.labels(record.model, node).observe(record.ttft_ms / 1000)
+            children.ttft.observe(record.ttft_ms / 1000)
         if record.node_decode_tps:
-            self.decode_speed.labels(record.model, node).observe(record.node_decode_tps)
+            children.decode_speed.observe(record.node_decode_tps)
         if record.prompt_tokens:
-            self.tokens.labels(record.model, node, "prompt").inc(record.prompt_tokens)
+            children.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(record.model, node, "completion").inc(record.completion_tokens)
+            children.completion_tokens.inc(record.completion_tokens)
 
     def watch(self, cluster: "Cluster", scheduler: "Scheduler", history: "HistoryWriter") -> None:
         """Report the live state of these objects at every scrape."""

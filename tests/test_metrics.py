@@ -1,5 +1,7 @@
 """Prometheus metrics at /metrics: what real traffic produces, and bounded labels."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -30,9 +32,16 @@ def test_traffic_shows_in_request_metrics(router):
         list(
             sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, stream=True)
         )
-    metrics = scrape(router)
-    requests = metrics["sollol_requests"]
-    ok = value(requests, "sollol_requests_total", route="/v1/chat/completions", outcome="ok")
+    # A stream is counted when its relay closes, just after the client has
+    # read its last byte, so the scrape may come first: poll briefly.
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = scrape(router)
+        requests = metrics["sollol_requests"]
+        ok = value(requests, "sollol_requests_total", route="/v1/chat/completions", outcome="ok")
+        if ok >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert ok >= 2
     assert value(metrics["sollol_time_to_first_token_seconds"],
                  "sollol_time_to_first_token_seconds_count") >= 1  # fmt: skip
