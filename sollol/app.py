@@ -171,7 +171,7 @@ async def _sollol_error(request: Request, exc: Exception) -> Response:
 
 
 def _route_label(request: Request) -> str:
-    """The route's template, never the raw path, so metric labels stay bounded."""
+    """Return the route's template, never the raw path, so metric labels stay bounded."""
     route = request.scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "other"

@@ -28,7 +28,7 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def model_key(name: str) -> str:
-    """Return the name the router knows a model by: Ollama's implicit ``:latest`` dropped.
+    """Return the router's name for a model: the name without Ollama's implicit ``:latest``.
 
     Ollama treats ``llama3.2`` and ``llama3.2:latest`` as one model, and a
     llama-server alias has no tag at all, so both forms of a name route to the
@@ -93,7 +93,7 @@ class Cluster:
         # Requests a node may hold per slot: one running, the rest in its own queue.
         self.capacity_per_slot = 1.0 + node_queue_per_slot
         health_policy = health_policy or HealthPolicy()
-        # A node that delivered bytes this recently is alive whatever its probe says.
+        # A node that delivered bytes this recently is alive, whatever its probe reports.
         self.progress_window_s = progress_window_s
         self.nodes = [
             Node(config=config, index=index, health=NodeHealth(health_policy))

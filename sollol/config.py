@@ -78,16 +78,16 @@ class Settings:
     # Wait for a node's first token (for a non-streamed reply: the whole
     # reply). A long prompt's prefill on a CPU node can take minutes.
     first_token_timeout_s: float = 300.0
-    # Longest silence between two reads once a stream has started.
+    # Maximum silence between two reads once a stream has started.
     idle_timeout_s: float = 60.0
     total_timeout_s: float = 1800.0
     # A stream waiting this long for its node gets an SSE comment line, so
     # clients and proxies in between keep the connection open.
     keepalive_interval_s: float = 10.0
     max_attempts: int = 2
-    # Health: failed probes in a row that take a node out, good ones that
-    # bring it back; failed requests in a row that open its breaker, and how
-    # long it stays open before one trial request (doubled per failed trial).
+    # Health: failed probes in a row that take a node out, and good ones that
+    # bring it back. Then failed requests in a row that open its breaker, and
+    # how long it stays open before one trial request (doubled per failed trial).
     evict_after_failures: int = 3
     recover_after_successes: int = 2
     breaker_failures: int = 3

@@ -1,4 +1,4 @@
-"""Dialects: how one client API asks a node, and how the node's reply is put back.
+"""Dialects: how one client API sends a request to a node, and how the reply is put back.
 
 The proxy and the stream relay are the same for every client API; a dialect
 supplies the parts that differ:
@@ -87,7 +87,7 @@ class Dialect:
 
 
 def own_model_body(request: "ProxyRequest", node: "Node") -> dict[str, Any]:
-    """The client's body with ``model`` in the node's own spelling (``llama3.2:latest``)."""
+    """Return the client's body with ``model`` in the node's own spelling (``llama3.2:latest``)."""
     body = request.body
     own_name = node.own_names.get(request.model)
     if own_name is not None and own_name != body.get("model"):

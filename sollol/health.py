@@ -79,7 +79,7 @@ class NodeHealth:
         return before != self.routable()
 
     def probe_loading(self) -> bool:
-        """llama-server answered 503 "loading": not ready, not failing."""
+        """Record llama-server's 503 "loading": the node is not ready, and not failing."""
         before = self.routable()
         self.loading = True
         self.up = False
@@ -99,7 +99,7 @@ class NodeHealth:
         return before != self.routable()
 
     def unreachable(self) -> bool:
-        """A request could not connect at all: nothing listens there now.
+        """Take the node out after a refused connection: nothing listens there now.
 
         The node leaves rotation at once; probes bring it back.
         """
@@ -138,7 +138,7 @@ class NodeHealth:
         return before != self.routable()
 
     def request_abandoned(self) -> bool:
-        """A request ended with no verdict on the node (the client went away)."""
+        """Record a request that ended with no verdict on the node (the client left)."""
         if self.trial_in_flight:
             self.trial_in_flight = False
             return True

@@ -122,11 +122,13 @@ class RouterMetrics:
                 prompt_tokens=self.tokens.labels(record.model, node, "prompt"),
                 completion_tokens=self.tokens.labels(record.model, node, "completion"),
             )
+
         children.requests.inc()
         if record.attempts > 1:
             children.failovers.inc()
         if not node:
             return
+
         children.latency.observe(record.latency_ms / 1000)
         if record.ttft_ms is not None:
             children.ttft.observe(record.ttft_ms / 1000)

@@ -1,7 +1,7 @@
 """Ollama's native API on the router, so any Ollama client can use the whole cluster.
 
-Requests are checked and routed like OpenAI ones; ``sollol.ollama_dialect``
-says what each node kind is sent and how its reply comes back. Errors use
+Requests are checked and routed like OpenAI ones. ``sollol.ollama_dialect``
+defines what each node kind is sent and how its reply comes back. Errors use
 Ollama's shape, ``{"error": "<text>"}``.
 
 Model names follow ``cluster.model_key``: ``llama3.2`` and
@@ -130,7 +130,7 @@ class OllamaRoutes:
         nodes = [node for node in self._cluster.nodes if key in node.models]
         for node in nodes:
             if node.kind is NodeKind.OLLAMA and node.health.up:
-                # An Ollama node knows its model best: template, parameters, capabilities.
+                # An Ollama node has its model's template, parameters and capabilities.
                 shown = await self._show_on(node, key)
                 if shown is not None:
                     return Response(shown, media_type="application/json")
@@ -252,8 +252,8 @@ class OllamaRoutes:
     def _load_reply(self, body: dict[str, Any], name: str, *, chat: bool) -> Response:
         """Answer a request with no prompt, which Ollama treats as "load the model".
 
-        The router answers it itself: llama-server nodes keep their model
-        loaded anyway, and Ollama nodes load a model on its first real request.
+        The router replies itself, because llama-server nodes keep their model
+        loaded anyway and Ollama nodes load a model on its first real request.
         """
         self._require_known(name)
         keep_alive = body.get("keep_alive")
@@ -284,7 +284,7 @@ class OllamaRoutes:
 
 
 def _tag_entry(node: Node, key: str) -> dict[str, Any]:
-    """The /api/tags entry for one model: the Ollama node's own, or one built for llama-server."""
+    """Return a model's /api/tags entry: the Ollama node's own, or one built for llama-server."""
     own = node.listing.get(key)
     name = key if ":" in key else key + ":latest"
     if node.kind is NodeKind.OLLAMA and own is not None:

@@ -24,8 +24,8 @@ translates itself. Field mapping, OpenAI request → Ollama request:
 ``/v1/completions`` becomes ``/api/generate`` with ``raw`` (no chat template,
 as a completion expects), and ``/v1/embeddings`` becomes ``/api/embed``.
 Not mapped: ``n`` (one choice only), ``logprobs``, ``logit_bias``,
-``tool_choice``, ``user``, ``echo``, ``best_of``; a prompt or input given as
-token ids gets 400 from the router, since Ollama takes only text.
+``tool_choice``, ``user``, ``echo``, ``best_of``. A prompt or input given as
+token ids gets 400 from the router, because Ollama takes only text.
 """
 
 import base64

@@ -211,7 +211,7 @@ class ReplyBuilder:
         return self._line(text, done=False)
 
     def final(self, text: str = "") -> dict[str, Any]:
-        """The last line: ``done`` with Ollama's counters and durations."""
+        """Return the last line: ``done`` with Ollama's counters and durations."""
         line = self._line(text, done=True)
         if self.chat and self._tool_calls:
             line["message"]["tool_calls"] = [

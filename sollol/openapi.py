@@ -391,7 +391,7 @@ _OLLAMA_REQUEST: JsonSchema = {
 
 
 def _ollama_operation(summary: str, *, body: bool = True, streams: bool = False) -> JsonSchema:
-    """An operation of Ollama's native API; errors there are ``{"error": "<text>"}``."""
+    """Describe an operation of Ollama's native API, whose errors are ``{"error": "<text>"}``."""
     ok: JsonSchema = {"application/json": {"schema": {"type": "object"}}}
     if streams:
         ok["application/x-ndjson"] = {"schema": {"type": "string"}}

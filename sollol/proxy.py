@@ -1,9 +1,9 @@
 """Forwarding one OpenAI request to a node, with failover until the first byte.
 
-Until anything of the reply has reached the client, a failed attempt moves
-on to another node serving the model: a refused or reset connection, no
-first token within ``first_token_timeout_s``, a 5xx, or a stream whose first
-event is an error. A 4xx is the node's judgement of the request and goes
+Until any byte of the reply has reached the client, a failed attempt moves
+on to another node serving the model. An attempt fails on a refused or reset
+connection, on no first token within ``first_token_timeout_s``, on a 5xx, or
+on a stream whose first event is an error. A 4xx is the node's judgement of the request and goes
 back to the client as it is. Streams are relayed by ``streaming.StreamRelay``.
 
 The reply is rewritten on its way back: ``model`` becomes the name the client
@@ -57,8 +57,8 @@ class ProxyRequest:
     stream: bool = False
     policy: str | None = None  # None: the configured default
     queue_ms: float = 0.0
-    # Returns once the client has hung up; lets a non-streamed request stop
-    # its node when nobody is waiting for the reply any more.
+    # Returns once the client has disconnected, so that a non-streamed
+    # request can stop its node when no client waits for the reply.
     disconnected: Callable[[], Awaitable[None]] | None = None
     # The client's API: how to ask each node and how to put its reply back.
     dialect: Dialect = OPENAI
@@ -95,7 +95,7 @@ class _FailedAttempt(Exception):
         super().__init__(error.message)
         self.error = error
         self.unreachable = unreachable
-        # The node answered, with a 5xx or an error event, rather than failing to.
+        # The node replied with a 5xx or an error event, rather than failing to reply.
         self.replied = replied
 
 
@@ -152,8 +152,8 @@ class Proxy:
         """Wait for the whole reply, or stop the node's work as soon as the client hangs up.
 
         The ASGI server does not cancel a handler whose client left, so the
-        disconnect is watched here; cancelling the attempt closes the upstream
-        connection, which is what makes the node stop generating.
+        disconnect is watched here. Cancelling the attempt closes the upstream
+        connection, and that makes the node stop generating.
         """
         if request.disconnected is None:
             return await self.open(request, record, started)
@@ -179,8 +179,8 @@ class Proxy:
         """
         tried: set[int] = set()
         last_error: SollolError | None = None
-        # Nodes that answered this request with an error (5xx, an error event):
-        # counted against their breakers only if another node then serves it.
+        # Nodes that replied to this request with a 5xx or an error event. They
+        # count against their breakers only if another node then serves it.
         rejected: list[tuple[Node, str]] = []
         for _ in range(max(1, self.settings.max_attempts)):
             decision = self.cluster.choose(
@@ -228,9 +228,9 @@ class Proxy:
 
         if last_error is not None:
             if rejected:
-                # Every node that answered rejected the request: most likely the
-                # request is at fault (llama-server answers 500 to some bad
-                # input), so no breaker opens and other clients keep their nodes.
+                # Every node that replied rejected the request, so the request is
+                # the likely cause (llama-server returns 500 for some bad input).
+                # No breaker opens, and other clients keep their nodes.
                 log.info("all nodes rejected a request to %s; no breaker counts it", request.route)
             raise last_error
         raise NoNodeAvailableError(

@@ -26,8 +26,8 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 # llama.cpp keeps token ids in an int32_t (llama_token).
 MAX_TOKEN_ID = 2**31 - 1
-# llama-server reads the number of tokens to generate into an int32 as well;
-# a larger value came back as a negative one in its error message.
+# llama-server reads the number of tokens to generate into an int32 as well.
+# A larger value came back as a negative one in its error message.
 MAX_TOKEN_COUNT = 2**31 - 1
 
 
@@ -231,7 +231,7 @@ def check_tool_calls(calls: Any, param: str, *, arguments_as_string: bool) -> No
     """Check ``tool_calls`` of one message: objects whose ``function`` has a string name.
 
     OpenAI sends ``arguments`` as a JSON string, Ollama as an object. Nodes
-    answer a malformed tool call with a 500 of their own, so it is caught here.
+    reject a malformed tool call with a 500 of their own, so it is caught here.
     """
     if calls is None:
         return

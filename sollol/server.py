@@ -75,7 +75,7 @@ class HeaderSizeLimit:
     """Reject with 431 a request whose head is larger than ``max_header_bytes``.
 
     The head is counted as HTTP/1.1 sends it: the request line, then each
-    header as ``name: value`` and CRLF. Hypercorn's own check only sees heads
+    header as ``name: value`` and CRLF. Hypercorn's own check only catches heads
     that span more than one read of up to 64 KiB, so smaller ones need this.
     """
 

@@ -13,7 +13,7 @@ The life of a stream:
 3. Events are relayed as they arrive, with ``model`` rewritten. Silence
    longer than ``idle_timeout_s``, a stream past ``total_timeout_s``, or a
    node that breaks the connection ends the stream with an error event in
-   the OpenAI shape and no ``data: [DONE]``; the OpenAI SDK raises it as
+   the OpenAI shape and no ``data: [DONE]``. The OpenAI SDK raises it as
    ``APIError``. Nothing is sent twice and no ``finish_reason`` is invented.
 4. If the client leaves, the upstream connection is closed at once, which
    makes the node stop generating, and the history row says "cancelled"
@@ -45,7 +45,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class StreamRelay:
-    """One streamed reply; ``close`` releases its node and records it exactly once."""
+    """One streamed reply. ``close`` releases its node and records it once (see ``_closed``)."""
 
     def __init__(
         self, proxy: "Proxy", request: "ProxyRequest", record: "RequestRecord", started: float
@@ -62,7 +62,7 @@ class StreamRelay:
         self._closed = False
 
     async def response(self) -> StreamingResponse:
-        """Start opening the stream and return the response once it is known how to answer."""
+        """Start opening the stream, and return the response once its status is known."""
         self._opening = asyncio.ensure_future(
             self._proxy.open(self._request, self._record, self._started)
         )
@@ -131,6 +131,7 @@ class StreamRelay:
             now + self._settings.total_timeout_s - (time.perf_counter() - self._started)
         )
         idle_deadline = now + idle_s
+
         while True:
             wait_s = min(idle_deadline, total_deadline, now + keepalive_s) - now
             try:
@@ -159,6 +160,7 @@ class StreamRelay:
                 self._end(message, "error")
                 yield self._dialect.error_frame(message, "upstream_error")
                 return
+
             now = time.monotonic()
             if not chunk:
                 break
@@ -168,6 +170,7 @@ class StreamRelay:
             out = self._relay(parser.feed(chunk))
             if out:
                 yield out
+
         out = self._relay(parser.finish()) + self._translator.tail()
         if out:
             yield out

@@ -607,7 +607,7 @@ async def test_max_tokens_beyond_int32_is_400(client, fake_node):
     ],
 )
 async def test_malformed_tool_calls_are_400(client, fake_node, extra):
-    # llama-server answers these with a 500 of its own, so they must not reach it.
+    # llama-server rejects these with a 500 of its own, so they must not reach it.
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra}
     before = len(fake_node.received)
     response = await client.post("/v1/chat/completions", json=body)

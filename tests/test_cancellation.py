@@ -103,8 +103,8 @@ def test_stream_cancelled_by_client_stops_generation(router, long_node):
 
 def test_non_streamed_request_cancelled_by_client_stops_generation(router, long_node):
     # A /slots request during a non-streamed reply can make llama-server miss
-    # that the connection closed (see probes.llama_load), so this test asks
-    # nothing of the node until its log says the task was cancelled.
+    # that the connection closed (see probes.llama_load), so this test sends
+    # nothing to the node until its log records the cancelled task.
     log_start = long_node.log_path.stat().st_size
     url = router.base_url + "/v1/chat/completions"
     with pytest.raises(httpx.ReadTimeout):

@@ -74,12 +74,12 @@ def test_breaker_opens_after_consecutive_request_failures(health):
     assert health.request_failed(now=0.0) is True
     assert health.breaker is Breaker.OPEN
     assert not health.routable()
-    # Probes that succeed do not close it: the node answers but fails work.
+    # Probes that succeed do not close it: the node responds but fails its requests.
     health.probe_ok()
     assert not health.routable()
 
 
-def test_a_success_resets_the_failure_count(health):
+def test_success_resets_failure_count(health):
     health.request_failed(now=0.0)
     health.request_failed(now=0.0)
     health.request_succeeded()
@@ -94,13 +94,13 @@ def test_half_open_lets_exactly_one_trial_through(health):
     assert health.half_open_if_due(now=12.0) is True
     assert health.routable()
     assert health.request_started() is True  # the trial
-    assert not health.routable()  # nobody else while it runs
+    assert not health.routable()  # no other request while it runs
     assert health.request_succeeded() is True
     assert health.breaker is Breaker.CLOSED
     assert health.routable()
 
 
-def test_failed_trial_reopens_for_longer_up_to_the_bound(health):
+def test_failed_trial_doubles_open_time(health):
     for _ in range(3):
         health.request_failed(now=0.0)
     waits = []

@@ -87,7 +87,7 @@ def test_ps_names_the_node_of_each_loaded_model(router):
 
 def test_show_known_and_unknown(client):
     assert client.show("tiny").details.format == "gguf"
-    # An Ollama node answers for its own model, template and model_info included.
+    # An Ollama node returns its own model's details, template and model_info included.
     shown = client.show("llama3.2")
     assert shown.template == "{{ .Prompt }}"
     assert shown.modelinfo["llama.context_length"] == 4096
@@ -229,7 +229,7 @@ def faulty_double(double):
     double.faults = Faults()
 
 
-def test_error_mid_stream_reaches_ollama_client_as_error_line(client, faulty_double):
+def test_ollama_client_mid_stream_error(client, faulty_double):
     faulty_double.faults = Faults(error_mid_stream=2)
     parts = []
     with pytest.raises(ollama.ResponseError):
@@ -239,7 +239,7 @@ def test_error_mid_stream_reaches_ollama_client_as_error_line(client, faulty_dou
     assert all(part.done is False for part in parts)
 
 
-def test_error_mid_stream_reaches_openai_client_as_api_error(router, faulty_double):
+def test_openai_client_mid_stream_error(router, faulty_double):
     faulty_double.faults = Faults(error_mid_stream=2)
     with openai.OpenAI(base_url=router.base_url + "/v1", api_key="unused", max_retries=0) as sdk:
         stream = sdk.chat.completions.create(model=OLLAMA_MODEL, messages=MESSAGES, stream=True)
@@ -247,7 +247,7 @@ def test_error_mid_stream_reaches_openai_client_as_api_error(router, faulty_doub
             list(stream)
 
 
-def test_busy_ollama_node_is_a_503_in_ollama_shape(router, faulty_double):
+def test_busy_ollama_node_gives_503(router, faulty_double):
     faulty_double.faults = Faults(busy_503=True)
     response = httpx.post(
         router.base_url + "/api/chat",

@@ -32,7 +32,7 @@ def test_chat_request_maps_options_format_and_stream():
     assert out["max_tokens"] == 7
     assert (out["temperature"], out["top_k"], out["seed"], out["stop"]) == (0.2, 5, 3, ["\n"])
     assert out["response_format"] == {"type": "json_object"}
-    # Ollama streams unless told otherwise; usage is asked for the history.
+    # Ollama streams by default, and usage is requested for the history.
     assert out["stream"] is True
     assert out["stream_options"] == {"include_usage": True}
     # No per-request equivalent on llama-server.
