@@ -63,6 +63,7 @@ class Translator:
     def failed(self, message: str) -> None:
         self.record.outcome = "error"
         self.record.error = message[:512]
+        self.record.error_kind = "upstream_error"
 
 
 class Dialect:

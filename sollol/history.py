@@ -53,6 +53,18 @@ requests_table = Table(
     Column("priority", Integer, nullable=True, doc="1 batch .. 10 critical"),
     Column("queue_ms", Float, nullable=True, doc="Time spent waiting for a free node"),
     Column("scores", Text, nullable=True, doc="JSON object: candidate node -> score (lower wins)"),
+    Column("error_kind", String(64), nullable=True, doc="the error code sent to the client"),
+    Column("decode_tps", Float, nullable=True, doc="decode tokens per second of the reply"),
+    # What the router knew when it chose the node (the last attempt's node):
+    # the features `sollol train` learns from.
+    Column("est_prompt_tokens", Float, nullable=True, doc="prompt length estimated from text"),
+    Column("max_tokens", Float, nullable=True, doc="output limit (or the default assumed)"),
+    Column("node_in_flight", Integer, nullable=True, doc="requests in flight on the node"),
+    Column("node_queue_depth", Float, nullable=True, doc="requests the node reported queued"),
+    Column("node_slots", Integer, nullable=True, doc="the node's parallel slots, if known"),
+    Column("model_loaded", Boolean, nullable=True, doc="model in the node's memory, if known"),
+    Column("node_ttft_ms_avg", Float, nullable=True, doc="moving average TTFT, if measured"),
+    Column("node_decode_tps_avg", Float, nullable=True, doc="moving average decode speed"),
 )
 COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
 
@@ -76,6 +88,16 @@ class RequestRecord:
     priority: int | None = None
     scores: str | None = None
     queue_ms: float | None = None
+    error_kind: str | None = None
+    decode_tps: float | None = None
+    est_prompt_tokens: float | None = None
+    max_tokens: float | None = None
+    node_in_flight: int | None = None
+    node_queue_depth: float | None = None
+    node_slots: int | None = None
+    model_loaded: bool | None = None
+    node_ttft_ms_avg: float | None = None
+    node_decode_tps_avg: float | None = None
     # Reported by the node (llama-server's `timings`); feed the routing
     # signals and are not stored.
     node_ttft_ms: float | None = None

@@ -35,7 +35,7 @@ from .errors import (
 )
 from .history import HistoryWriter, RequestRecord
 from .metrics import RouterMetrics
-from .routing.engine import Decision
+from .routing.engine import Decision, NodeSnapshot
 from .routing.features import RequestFeatures
 from .sse import Event, LineParser, SSEParser
 from .streaming import StreamRelay
@@ -135,6 +135,7 @@ class Proxy:
             raise
         except Exception:
             record.status, record.outcome, record.error = 500, "error", "internal router error"
+            record.error_kind = "internal_error"
             self.finish(record, started)
             raise
         except BaseException:
@@ -194,6 +195,9 @@ class Proxy:
             record.node = node.name
             record.policy = decision.policy
             record.scores = self._explain(decision)
+            _note_decision(
+                record, request, self.cluster.signals.snapshot(node.index, request.model)
+            )
             self.cluster.acquire(node)
             try:
                 opened = await self._attempt(node, request, started)
@@ -298,12 +302,9 @@ class Proxy:
     def observe(self, node: Node, record: RequestRecord) -> None:
         ok = record.outcome == "ok" and record.status < 500
         ttft_ms = record.ttft_ms if record.ttft_ms is not None else record.node_ttft_ms
+        record.decode_tps = _decode_tokens_per_s(record)
         self.cluster.signals.observe(
-            node.index,
-            record.model,
-            ok=ok,
-            ttft_ms=ttft_ms,
-            decode_tps=_decode_tokens_per_s(record),
+            node.index, record.model, ok=ok, ttft_ms=ttft_ms, decode_tps=record.decode_tps
         )
 
     def _explain(self, decision: Decision) -> str:
@@ -320,6 +321,7 @@ class Proxy:
         if isinstance(error, ClientClosedError):
             record.outcome = "cancelled"
         record.error = error.message[:512]
+        record.error_kind = error.code
         self.finish(record, started)
         error.recorded = True
 
@@ -400,6 +402,18 @@ def error_message(data: bytes) -> str | None:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _note_decision(record: RequestRecord, request: ProxyRequest, node: NodeSnapshot) -> None:
+    """Keep the features the choice was made on, for `sollol train`."""
+    record.est_prompt_tokens = request.features.prompt_tokens
+    record.max_tokens = request.features.max_tokens
+    record.node_in_flight = node.in_flight
+    record.node_queue_depth = node.queue_depth
+    record.node_slots = node.slots
+    record.model_loaded = node.model_loaded
+    record.node_ttft_ms_avg = node.ttft_ms
+    record.node_decode_tps_avg = node.decode_tps
 
 
 def _decode_tokens_per_s(record: RequestRecord) -> float | None:

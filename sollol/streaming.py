@@ -84,6 +84,7 @@ class StreamRelay:
                 self._closed = True
                 self._record.status, self._record.outcome = 500, "error"
                 self._record.error = "internal router error"
+                self._record.error_kind = "internal_error"
                 self._proxy.finish(self._record, self._started)
                 raise
             headers["x-sollol-node"] = self._opened.node.name
@@ -106,7 +107,9 @@ class StreamRelay:
             try:
                 opened = self._opened = self._opening.result()
             except SollolError as exc:
-                self._end(exc.message, "timeout" if exc.code == "upstream_timeout" else "error")
+                self._end(
+                    exc.message, "timeout" if exc.code == "upstream_timeout" else "error", exc.code
+                )
                 yield self._dialect.error_frame(exc.message, exc.error_type)
                 return
 
@@ -150,14 +153,14 @@ class StreamRelay:
                     if self._dialect.keepalive:
                         yield self._dialect.keepalive
                     continue
-                self._end(message, "timeout")
+                self._end(message, "timeout", "upstream_timeout")
                 yield self._dialect.error_frame(message, "timeout")
                 return
             except UpstreamConnectionError as exc:
                 # The client already has part of the reply, so no other node
                 # can take over.
                 message = f"node {node.name} failed in the middle of the stream: {exc}"
-                self._end(message, "error")
+                self._end(message, "error", "upstream_error")
                 yield self._dialect.error_frame(message, "upstream_error")
                 return
 
@@ -179,9 +182,10 @@ class StreamRelay:
         if self._record.outcome == "cancelled":
             self._record.outcome = "ok"
 
-    def _end(self, message: str, outcome: str) -> None:
+    def _end(self, message: str, outcome: str, error_kind: str) -> None:
         self._record.outcome = outcome
         self._record.error = message[:512]
+        self._record.error_kind = error_kind
 
     def _relay(self, events: list[Event]) -> bytes:
         assert self._translator is not None

@@ -63,3 +63,35 @@ def test_failed_write_is_counted_not_raised(tmp_path):
     writer.record(make_row())
     writer.close()
     assert writer.dropped_rows == 1
+
+
+def test_rows_keep_decision_features(tmp_path):
+    engine = create_history_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    writer = HistoryWriter(engine)
+    writer.start()
+    writer.record(
+        make_row(
+            node="node-a",
+            est_prompt_tokens=12.5,
+            max_tokens=64.0,
+            node_in_flight=3,
+            node_queue_depth=1.0,
+            node_slots=4,
+            model_loaded=True,
+            node_ttft_ms_avg=80.0,
+            node_decode_tps_avg=None,
+            decode_tps=41.0,
+            error_kind=None,
+        )
+    )
+    writer.close()
+    with engine.connect() as connection:
+        row = connection.execute(select(requests_table)).one()
+    assert (row.est_prompt_tokens, row.max_tokens, row.node_in_flight, row.node_slots) == (
+        12.5,
+        64.0,
+        3,
+        4,
+    )
+    assert (row.model_loaded, row.node_ttft_ms_avg, row.node_decode_tps_avg) == (True, 80.0, None)
+    assert row.decode_tps == 41.0

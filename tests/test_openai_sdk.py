@@ -305,6 +305,19 @@ def test_history_records_each_request(client, router):
     assert plain_row[8] is None
     assert plain_row[9] > 0
 
+    with sqlite3.connect(router.database_path) as connection:
+        features = connection.execute(
+            "SELECT est_prompt_tokens, max_tokens, node_in_flight, node_slots, decode_tps "
+            "FROM requests WHERE id >= ? ORDER BY id",
+            (first_id,),
+        ).fetchall()
+    for est_prompt_tokens, max_tokens, node_in_flight, node_slots, decode_tps in features:
+        assert est_prompt_tokens > 0
+        assert max_tokens == 3
+        assert node_in_flight >= 0
+        assert node_slots in (None, 2)  # None until the first probe has read /props
+        assert decode_tps is None or decode_tps > 0
+
 
 def test_node_error_keeps_status_and_names_node(router):
     # The router checks only that response_format is an object; llama-server

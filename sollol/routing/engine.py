@@ -25,6 +25,7 @@ from .layout import (
     COL_TTFT_MS,
     MODEL_COLUMNS,
     MODEL_DECODE_TPS,
+    MODEL_LOADED,
     MODEL_TTFT_MS,
     NODE_COLUMNS,
     POLICY_IDS,
@@ -109,6 +110,25 @@ class NodeSignals:
             if model_row is not None:
                 model_row[MODEL_DECODE_TPS] = _ewma(model_row[MODEL_DECODE_TPS], decode_tps)
 
+    def snapshot(self, node: int, model: str) -> "NodeSnapshot":
+        """Return what is known of ``node`` for ``model`` now, NaN folded to None."""
+        row = self.matrix[node]
+        model_row = self.model_state(model)[node]
+        ttft_ms = model_row[MODEL_TTFT_MS]
+        decode_tps = model_row[MODEL_DECODE_TPS]
+        loaded = model_row[MODEL_LOADED]
+        slots = row[COL_SLOTS_TOTAL]
+        return NodeSnapshot(
+            in_flight=int(row[COL_IN_FLIGHT]),
+            queue_depth=float(row[COL_QUEUE_DEPTH]),
+            slots=None if math.isnan(slots) else int(slots),
+            model_loaded=None if math.isnan(loaded) else bool(loaded),
+            ttft_ms=_finite_or_none(row[COL_TTFT_MS] if math.isnan(ttft_ms) else ttft_ms),
+            decode_tps=_finite_or_none(
+                row[COL_DECODE_TPS] if math.isnan(decode_tps) else decode_tps
+            ),
+        )
+
     def row(self, node: int) -> dict[str, float | None]:
         values = self.matrix[node]
         names = {
@@ -120,6 +140,18 @@ class NodeSignals:
             "error_rate": COL_ERROR_RATE,
         }
         return {name: _finite_or_none(values[column]) for name, column in names.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    """A node's signals for one model at decision time; None where unknown."""
+
+    in_flight: int
+    queue_depth: float
+    slots: int | None
+    model_loaded: bool | None
+    ttft_ms: float | None  # the model's moving average on the node, else the node's
+    decode_tps: float | None
 
 
 @dataclass(slots=True)
