@@ -1,12 +1,17 @@
 """Request history: one row per request, written through SQLAlchemy off the event loop.
 
-``HistoryWriter.record`` only appends to a bounded in-memory queue; a
-background thread inserts the rows in batches. When the queue is full the row
-is dropped and counted, so a slow or missing database never slows requests.
+``HistoryWriter.record`` only appends to a bounded in-memory buffer, and a
+background thread inserts the rows in batches. While the database is down,
+the rows stay buffered and the thread retries. Only rows beyond the bound are
+dropped and counted, so a slow or missing database does not slow requests.
+
+The Alembic revisions in ``sollol/migrations`` define the schema, and
+``create_history_engine`` upgrades a database to the latest one.
 """
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +28,26 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    inspect,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+
+from .migrations import upgrade_to_head
 
 log = logging.getLogger(__name__)
 
+# How long a PostgreSQL connection attempt may take before it counts as a
+# failed write (libpq's connect_timeout; without it libpq waits indefinitely).
+POSTGRESQL_CONNECT_TIMEOUT_S = 5
+
+
+class HistoryStoreError(RuntimeError):
+    """The history database could not be opened or upgraded to the current schema."""
+
+
 metadata = MetaData()
 
+# A change to this table needs a new revision in sollol/migrations/versions.
 requests_table = Table(
     "requests",
     metadata,
@@ -67,6 +83,13 @@ requests_table = Table(
     Column("node_decode_tps_avg", Float, nullable=True, doc="moving average decode speed"),
 )
 COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
+# PostgreSQL rejects a whole batch when one value is longer than its VARCHAR
+# (SQLite does not check), and some strings come from nodes' error replies.
+STRING_LENGTHS = tuple(
+    (column.name, column.type.length)
+    for column in requests_table.columns
+    if isinstance(column.type, String) and column.type.length is not None
+)
 
 
 @dataclass(slots=True)
@@ -137,7 +160,12 @@ class RequestRecord:
 
 
 def create_history_engine(database_url: str) -> Engine:
-    engine = create_engine(database_url)
+    """Open the history database and upgrade its schema to the latest revision.
+
+    Raises HistoryStoreError when the database cannot be reached or upgraded.
+    """
+    url = make_url(database_url)
+    engine = create_engine(url, **_engine_options(url))
     if engine.dialect.name == "sqlite":
         # WAL lets readers (reports, `sollol train`) run while the router writes.
         @event.listens_for(engine, "connect")
@@ -147,101 +175,229 @@ def create_history_engine(database_url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
-    metadata.create_all(engine)
-    _add_missing_columns(engine)
+    try:
+        upgrade_to_head(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise HistoryStoreError(
+            f"could not open or upgrade the history database "
+            f"{url.render_as_string(hide_password=True)}: {exc}"
+        ) from exc
     return engine
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Add nullable columns that a history file from an older SOLLOL lacks.
-
-    NOTE: a stopgap until the schema has real migrations; it only adds
-    columns, never changes or drops them.
-    """
-    present = {column["name"] for column in inspect(engine).get_columns("requests")}
-    with engine.begin() as connection:
-        for column in requests_table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=engine.dialect)
-                connection.exec_driver_sql(f"ALTER TABLE requests ADD COLUMN {column.name} {kind}")
-                log.info("history: added column %s to the requests table", column.name)
+def _engine_options(url: URL) -> dict[str, Any]:
+    if url.get_backend_name() != "postgresql":
+        return {}
+    options: dict[str, Any] = {
+        # Connections in the pool die when PostgreSQL restarts; test each one
+        # before use so that the first write after an outage succeeds.
+        "pool_pre_ping": True,
+    }
+    if "connect_timeout" not in url.query:
+        options["connect_args"] = {"connect_timeout": POSTGRESQL_CONNECT_TIMEOUT_S}
+    return options
 
 
 class HistoryWriter:
-    """Batches rows in memory and inserts them from a background thread.
+    """Buffers rows in memory and inserts them in batches from a background thread.
 
-    ``record`` is a lock-free ``deque.append``: it never blocks and never
-    wakes the writer thread, which instead wakes every ``flush_interval_s``
-    and inserts everything queued, ``batch_rows`` rows per transaction.
+    ``record`` runs on the event loop and only appends to a deque, so the loop
+    never waits on the database. The thread writes when ``batch_rows`` rows are
+    buffered or every ``flush_interval_s``, ``batch_rows`` rows per transaction.
+    When a write fails because the database is unreachable or busy, the batch
+    stays buffered and is retried after a delay that doubles up to
+    ``max_retry_interval_s``; meanwhile new rows buffer up to
+    ``max_buffered_rows``, and rows beyond that are dropped and counted.
     """
 
     def __init__(
         self,
         engine: Engine,
         *,
-        max_queued_rows: int = 100_000,
+        max_buffered_rows: int = 100_000,
         batch_rows: int = 1_000,
         flush_interval_s: float = 0.5,
+        max_retry_interval_s: float = 5.0,
     ) -> None:
         self._engine = engine
         self._queue: deque[RequestRecord] = deque()
-        self._max_queued_rows = max_queued_rows
+        # The batch the thread has taken from the queue and not yet written.
+        self._batch: list[dict[str, Any]] = []
+        self._batch_rows_taken = 0
+        self._max_buffered_rows = max_buffered_rows
         self._batch_rows = batch_rows
         self._flush_interval_s = flush_interval_s
+        self._max_retry_interval_s = max_retry_interval_s
+        self._retry_interval_s = flush_interval_s
+        self._wake = threading.Event()
         self._stop = threading.Event()
+        self._close_deadline = 0.0
         self._thread = threading.Thread(target=self._run, name="sollol-history", daemon=True)
-        self.dropped_rows = 0
+        # Each counter has one writing thread: the event loop's for
+        # _dropped_full, the writer thread's for the others.
+        self._dropped_full = 0
+        self._dropped_by_writer = 0
+        self._buffer_full = False
+        self._outage_started: float | None = None
         self.written_rows = 0
 
     @property
     def buffered_rows(self) -> int:
         """Rows recorded but not yet written."""
-        return len(self._queue)
+        return len(self._queue) + self._batch_rows_taken
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows lost: the buffer was full, the database rejected them, or shutdown left them."""
+        return self._dropped_full + self._dropped_by_writer
+
+    @property
+    def database_available(self) -> bool:
+        """False from a write that failed for lack of the database until one succeeds."""
+        return self._outage_started is None
 
     def start(self) -> None:
         self._thread.start()
 
     def record(self, row: RequestRecord) -> None:
-        """Queue a row for writing; never blocks."""
-        if len(self._queue) >= self._max_queued_rows:
-            if self.dropped_rows == 0:
-                log.warning("history queue is full; dropping rows until it drains")
-            self.dropped_rows += 1
+        """Buffer a row for writing without waiting on the database or the writer thread."""
+        if self.buffered_rows >= self._max_buffered_rows:
+            self._dropped_full += 1
+            if not self._buffer_full:
+                self._buffer_full = True
+                log.warning(
+                    "history buffer is full (%d rows); dropping new rows until it drains",
+                    self._max_buffered_rows,
+                )
             return
         self._queue.append(row)
+        if len(self._queue) == self._batch_rows:
+            self._wake.set()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued, then stop the writer thread."""
+        """Write what is buffered, retrying for up to ``timeout_s``, then stop the thread."""
         if not self._thread.is_alive():
             return
+        self._close_deadline = time.monotonic() + timeout_s
         self._stop.set()
-        self._thread.join(timeout_s)
+        self._wake.set()
+        # A database call in progress can outlast the deadline by its own
+        # timeout; the thread is a daemon, so it cannot hold the process open.
+        self._thread.join(timeout_s + 1.0)
         if self._thread.is_alive():
-            log.error("history writer did not finish within %.1f s; rows may be lost", timeout_s)
+            log.error(
+                "history writer did not finish within %.1f s; %d buffered rows may be lost",
+                timeout_s,
+                self.buffered_rows,
+            )
         if self.dropped_rows:
             log.warning("history dropped %d rows in total", self.dropped_rows)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._flush_interval_s):
-            self._drain()
-        self._drain()
+        while not self._stop.is_set():
+            self._wake.wait(self._flush_interval_s)
+            self._wake.clear()
+            if not self._write_buffered():
+                self._stop.wait(self._next_retry_interval_s())
+        self._flush_before_exit()
 
-    def _drain(self) -> None:
-        while self._queue:
-            batch = []
-            while self._queue and len(batch) < self._batch_rows:
-                batch.append(self._queue.popleft())
-            self._write(batch)
+    def _flush_before_exit(self) -> None:
+        while not self._write_buffered():
+            delay_s = self._next_retry_interval_s()
+            if time.monotonic() + delay_s > self._close_deadline:
+                break
+            time.sleep(delay_s)
+        unwritten = self.buffered_rows
+        if unwritten:
+            self._dropped_by_writer += unwritten
+            self._queue.clear()
+            self._batch = []
+            self._batch_rows_taken = 0
+            log.error("history database unavailable at shutdown; %d buffered rows lost", unwritten)
 
-    def _write(self, batch: list[RequestRecord]) -> None:
+    def _next_retry_interval_s(self) -> float:
+        interval_s = self._retry_interval_s
+        self._retry_interval_s = min(interval_s * 2, self._max_retry_interval_s)
+        return interval_s
+
+    def _write_buffered(self) -> bool:
+        """Write batches until the buffer is empty; return False if the database is unavailable."""
+        while True:
+            if not self._batch:
+                self._take_batch()
+                if not self._batch:
+                    return True
+            if not self._write(self._batch):
+                return False
+            self._batch = []
+            self._batch_rows_taken = 0
+
+    def _take_batch(self) -> None:
+        count = min(len(self._queue), self._batch_rows)
+        # Count the rows as taken before popping them, so that buffered_rows
+        # never reads low and lets record() overfill the buffer.
+        self._batch_rows_taken = count
+        records = [self._queue.popleft() for _ in range(count)]
+        self._batch = [_row_values(row) for row in records]
+
+    def _write(self, batch: list[dict[str, Any]]) -> bool:
         try:
             with self._engine.begin() as connection:
-                rows = [{name: getattr(row, name) for name in COLUMN_NAMES} for row in batch]
-                connection.execute(insert(requests_table), rows)
+                connection.execute(insert(requests_table), batch)
         except SQLAlchemyError as exc:
-            # NOTE: a failed batch is dropped, not retried; buffering across a
-            # database outage is still to be built.
-            self.dropped_rows += len(batch)
-            log.error("history write of %d rows failed: %s", len(batch), exc)
+            if _is_unavailable(exc):
+                self._note_unavailable(exc)
+                return False
+            # The database refused the rows themselves, so a retry would fail
+            # the same way.
+            self._dropped_by_writer += len(batch)
+            log.error("history database rejected %d rows, dropping them: %s", len(batch), exc)
+            return True
+        self.written_rows += len(batch)
+        self._note_available()
+        return True
+
+    def _note_unavailable(self, exc: SQLAlchemyError) -> None:
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            log.error(
+                "history database unavailable; buffering up to %d rows and retrying: %s",
+                self._max_buffered_rows,
+                exc,
+            )
         else:
-            self.written_rows += len(batch)
+            log.debug("history write retry failed: %s", exc)
+
+    def _note_available(self) -> None:
+        self._retry_interval_s = self._flush_interval_s
+        if self._outage_started is not None:
+            log.warning(
+                "history database available again after %.1f s; writing %d buffered rows",
+                time.monotonic() - self._outage_started,
+                self.buffered_rows,
+            )
+            self._outage_started = None
+        if self._buffer_full and self.buffered_rows < self._max_buffered_rows:
+            self._buffer_full = False
+            log.warning("history buffer has room again; %d rows dropped so far", self._dropped_full)
+
+
+def _row_values(row: RequestRecord) -> dict[str, Any]:
+    values = {name: getattr(row, name) for name in COLUMN_NAMES}
+    for name, length in STRING_LENGTHS:
+        value = values[name]
+        if value is not None and len(value) > length:
+            values[name] = value[:length]
+    return values
+
+
+def _is_unavailable(exc: SQLAlchemyError) -> bool:
+    """Tell a database that is down, busy or read-only apart from one that rejects the rows.
+
+    SQLite reports a locked or read-only file, and PostgreSQL a refused or
+    broken connection, as OperationalError.
+    """
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
