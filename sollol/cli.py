@@ -1,4 +1,4 @@
-"""The ``sollol`` command: serve, demo, make-model."""
+"""The ``sollol`` command: serve, demo, make-model, shard."""
 
 import argparse
 import asyncio
@@ -73,7 +73,40 @@ def _build_parser() -> argparse.ArgumentParser:
     make_model.add_argument("path", type=Path, help="output .gguf file")
     make_model.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     make_model.set_defaults(handler=_make_model_command)
+    _add_shard_parser(commands)
     return parser
+
+
+def _add_shard_parser(commands: argparse._SubParsersAction) -> None:
+    shard = commands.add_parser(
+        "shard", help="run llama.cpp RPC shard groups ([[shard_groups]] in the config)"
+    )
+    actions = shard.add_subparsers(dest="shard_command", required=True)
+    config_help = "TOML config file with [[shard_groups]] (default ./sollol.toml)"
+
+    up = actions.add_parser(
+        "up", help="start a group's local workers and coordinator, then supervise it"
+    )
+    up.add_argument("name", help="shard group name")
+    up.add_argument("--config", type=Path, help=config_help)
+    up.set_defaults(handler=lambda args: _shard_command("up", args))
+
+    down = actions.add_parser("down", help="stop a group that `shard up` runs")
+    down.add_argument("name", help="shard group name")
+    down.add_argument("--config", type=Path, help=config_help)
+    down.set_defaults(handler=lambda args: _shard_command("down", args))
+
+    status = actions.add_parser("status", help="show each group's state, health and workers")
+    status.add_argument("name", nargs="?", help="one group (default: all)")
+    status.add_argument("--config", type=Path, help=config_help)
+    status.set_defaults(handler=lambda args: _shard_command("status", args))
+
+
+def _shard_command(action: str, args: argparse.Namespace) -> int:
+    from .shard import commands
+
+    handler = {"up": commands.up, "down": commands.down, "status": commands.status}[action]
+    return handler(args.name, args.config)
 
 
 def _serve_command(args: argparse.Namespace) -> int:

@@ -21,10 +21,13 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .routing.layout import POLICY_IDS
+
+if TYPE_CHECKING:
+    from .shard.config import ShardGroupConfig
 
 DEFAULT_ROUTING_POLICY = "predicted_latency"
 
@@ -108,7 +111,13 @@ class Settings:
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
 
 
-_SERVER_KEYS = {f.name: f.type for f in dataclasses.fields(Settings) if f.name != "nodes"}
+    # llama.cpp RPC shard groups; each also appears in ``nodes`` as one llamacpp node.
+    shard_groups: tuple["ShardGroupConfig", ...] = field(default_factory=tuple)
+_SERVER_KEYS = {
+    f.name: f.type
+    for f in dataclasses.fields(Settings)
+    if f.name not in ("nodes", "shard_groups")
+}
 
 
 def parse_node_spec(spec: str) -> NodeConfig:
@@ -134,6 +143,7 @@ def load_settings(
     nodes: list[NodeConfig] = []
 
     if config_path is not None:
+    shard_groups: list[ShardGroupConfig] = []
         path = Path(config_path)
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -145,6 +155,14 @@ def load_settings(
         nodes.extend(_node_tables(document.get("nodes", []), source=str(path)))
 
     for key in _SERVER_KEYS:
+        if "shard_groups" in document:
+            from .shard.config import parse_shard_groups
+
+            shard_groups = parse_shard_groups(
+                document["shard_groups"], source=str(path), base_dir=path.parent
+            )
+            # To the router a group is one llama.cpp node at its coordinator.
+            nodes.extend(group.as_node() for group in shard_groups)
         env_name = f"SOLLOL_{key.upper()}"
         if env_name in environ:
             values[key] = _coerce(key, environ[env_name], source=env_name)
@@ -168,7 +186,7 @@ def load_settings(
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"node names must be unique; repeated: {', '.join(duplicates)}")
-    return Settings(**values, nodes=tuple(nodes))
+    return Settings(**values, nodes=tuple(nodes), shard_groups=tuple(shard_groups))
 
 
 def _server_section(table: Any, *, source: str) -> dict[str, Any]:

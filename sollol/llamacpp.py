@@ -85,6 +85,8 @@ class LlamaServer:
     threads: int = 1
     embeddings: bool = False
     extra_args: list[str] = field(default_factory=list)
+    # Variables added to the environment the binaries get from binary_env().
+    extra_env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
@@ -120,7 +122,7 @@ class LlamaServer:
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 self.command(bin_dir),
-                env=binary_env(bin_dir),
+                env={**binary_env(bin_dir), **self.extra_env},
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
