@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .routing.layout import POLICY_IDS
+from .routing.layout import ROUTING_POLICIES
 
 if TYPE_CHECKING:
     from .shard.config import ShardGroupConfig
@@ -98,8 +98,16 @@ class Settings:
     breaker_max_open_s: float = 60.0
     retry_after_s: int = 2
     max_upstream_connections: int = 256
-    # round_robin | least_loaded | sollol_heuristic | predicted_latency
+    # round_robin | least_loaded | sollol_heuristic | predicted_latency | learned
     routing_policy: str = DEFAULT_ROUTING_POLICY
+    # The artifact `sollol train` writes; the router loads it at start, when
+    # the file changes (checked every model_reload_interval_s) and on
+    # POST /sollol/policy/reload. Empty: no learned model.
+    learned_model_path: str = "sollol-model.json"
+    model_reload_interval_s: float = 5.0
+    # Share of the learned policy's decisions sent to a random other node, so
+    # the history keeps measuring every node. Recorded as "learned:explore".
+    explore_share: float = 0.02
     # Requests wait in a per-model queue while every node serving the model
     # has all its slots in use.
     max_queued_per_model: int = 256
@@ -109,10 +117,10 @@ class Settings:
     # router starts queueing; keeps each node busy between requests.
     node_queue_per_slot: float = 1.0
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
-
-
     # llama.cpp RPC shard groups; each also appears in ``nodes`` as one llamacpp node.
     shard_groups: tuple["ShardGroupConfig", ...] = field(default_factory=tuple)
+
+
 _SERVER_KEYS = {
     f.name: f.type
     for f in dataclasses.fields(Settings)
@@ -141,9 +149,9 @@ def load_settings(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     nodes: list[NodeConfig] = []
+    shard_groups: list[ShardGroupConfig] = []
 
     if config_path is not None:
-    shard_groups: list[ShardGroupConfig] = []
         path = Path(config_path)
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -153,8 +161,6 @@ def load_settings(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         values.update(_server_section(document.get("server", {}), source=str(path)))
         nodes.extend(_node_tables(document.get("nodes", []), source=str(path)))
-
-    for key in _SERVER_KEYS:
         if "shard_groups" in document:
             from .shard.config import parse_shard_groups
 
@@ -163,6 +169,8 @@ def load_settings(
             )
             # To the router a group is one llama.cpp node at its coordinator.
             nodes.extend(group.as_node() for group in shard_groups)
+
+    for key in _SERVER_KEYS:
         env_name = f"SOLLOL_{key.upper()}"
         if env_name in environ:
             values[key] = _coerce(key, environ[env_name], source=env_name)
@@ -177,10 +185,13 @@ def load_settings(
     nodes.extend(parse_node_spec(spec) for spec in extra_nodes)
 
     policy = values.get("routing_policy", DEFAULT_ROUTING_POLICY)
-    if policy not in POLICY_IDS:
+    if policy not in ROUTING_POLICIES:
         raise ConfigError(
-            f"unknown routing_policy {policy!r}; expected one of {', '.join(sorted(POLICY_IDS))}"
+            f"unknown routing_policy {policy!r}; "
+            f"expected one of {', '.join(sorted(ROUTING_POLICIES))}"
         )
+    if values.get("explore_share", 0.0) > 1.0:
+        raise ConfigError(f"explore_share must be from 0 to 1, got {values['explore_share']}")
 
     names = [node.name for node in nodes]
     duplicates = sorted({name for name in names if names.count(name) > 1})
