@@ -148,6 +148,8 @@ cdef double node_cost(
     predicted = wait_ms + service_ms
     if not is_loaded:
         predicted = predicted + at_least(known(request[REQ_MODEL_LOAD_MS], 0.0), 0.0)
+    if cost_weight > 0.0:
+        predicted = predicted * cost_weight
     return predicted / (1.0 - error_rate) if error_rate < 1.0 else INFINITY
 
 

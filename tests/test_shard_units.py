@@ -256,3 +256,48 @@ def test_probe_of_closed_port_is_unreachable():
     worker.stop()  # closes the listener before it ever accepts
     with pytest.raises(WorkerUnreachableError, match=f"127.0.0.1:{port} cannot be reached"):
         probe_worker("127.0.0.1", port, client_version=RpcVersion(7, 0, 0), timeout_s=1.0)
+
+
+# -- routing between a group and a single node -------------------------------
+
+
+def _twins():
+    from sollol.routing import _score_c, _score_py
+
+    return [_score_c.score_nodes, _score_py.score_nodes]
+
+
+@pytest.mark.parametrize("score_nodes", _twins(), ids=["compiled", "pure"])
+@pytest.mark.parametrize(
+    ("group_decode_tps", "expected"), [(None, "single"), (25.0, "single"), (40.0, "group")]
+)
+def test_group_wins_only_when_predicted_faster(score_nodes, group_decode_tps, expected):
+    """A group (cost weight 1.5) beside a single node at 20 tokens/s, both otherwise idle."""
+    import numpy as np
+
+    from sollol.routing.engine import NodeSignals
+    from sollol.routing.layout import COL_DECODE_TPS, POLICY_IDS, REQ_COLUMNS, REQ_MAX_TOKENS
+
+    signals = NodeSignals(2)
+    single, group = 0, 1
+    signals.set_static(single, is_gpu=False, cost_weight=1.0)
+    signals.set_static(group, is_gpu=False, cost_weight=DEFAULT_GROUP_COST_WEIGHT)
+    for node in (single, group):
+        signals.set_healthy(node, True)
+        signals.set_slots(node, 1)
+    if group_decode_tps is not None:
+        signals.matrix[single, COL_DECODE_TPS] = 20.0
+        signals.matrix[group, COL_DECODE_TPS] = group_decode_tps
+    request = np.zeros(REQ_COLUMNS)
+    request[REQ_MAX_TOKENS] = 256
+    scores = np.empty(2)
+    chosen = score_nodes(
+        signals.matrix,
+        signals.model_state("m"),
+        np.array([single, group], dtype=np.int64),
+        request,
+        POLICY_IDS["predicted_latency"],
+        0,
+        scores,
+    )
+    assert chosen == (group if expected == "group" else single)

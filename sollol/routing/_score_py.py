@@ -116,6 +116,10 @@ def _node_cost(
     predicted = wait_ms + service_ms
     if not is_loaded:
         predicted = predicted + _at_least(_known(request[REQ_MODEL_LOAD_MS], 0.0), 0.0)
+    # A node with cost weight w wins only when predicted w times faster (a
+    # shard group, say, which pays network hops that a single node does not).
+    if cost_weight > 0.0:
+        predicted = predicted * cost_weight
     return predicted / (1.0 - error_rate) if error_rate < 1.0 else INF
 
 
