@@ -17,7 +17,12 @@ else:
     debug = os.environ.get("SOLLOL_DEBUG_BUILD") == "1"
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
     extensions = [
-        Extension("sollol.routing._score_c", ["csrc/_score_c.pyx"], extra_compile_args=compile_args)
+        Extension(
+            "sollol.routing._score_c", ["csrc/_score_c.pyx"], extra_compile_args=compile_args
+        ),
+        Extension(
+            "sollol.learning._forest_c", ["csrc/_forest_c.pyx"], extra_compile_args=compile_args
+        ),
     ]
     ext_modules = cythonize(
         extensions,

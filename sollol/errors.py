@@ -11,6 +11,13 @@
 
 One Starlette exception handler turns any of them into
 ``{"error": {"message", "type", "param", "code"}}``.
+
+Errors of the offline learning commands and of loading a learned model never
+reach a client, so they stand apart:
+
+    LearningError                    base of the learning errors
+    ├── TrainingDataError            the history is missing, unreadable or too small
+    └── ModelArtifactError           a learned-model file is unreadable or incompatible
 """
 
 from typing import Any
@@ -109,6 +116,18 @@ class UpstreamError(SollolError):
         super().__init__(message, status_code=status_code, **kwargs)
         if error_type:
             self.error_type = error_type
+
+
+class LearningError(Exception):
+    """An error of `sollol train`, `sollol evaluate` or of loading a learned model."""
+
+
+class TrainingDataError(LearningError):
+    """The history cannot be read, or holds too few usable rows to train on."""
+
+
+class ModelArtifactError(LearningError):
+    """A learned-model artifact cannot be read, or was made for another feature schema."""
 
 
 def openai_error_body(

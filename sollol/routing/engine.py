@@ -7,8 +7,10 @@ core once per attempt.
 """
 
 import math
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from .layout import (
     COL_QUEUE_DEPTH,
     COL_SLOTS_TOTAL,
     COL_TTFT_MS,
+    LEARNED_EXPLORE_POLICY,
+    LEARNED_FALLBACK_POLICY,
+    LEARNED_POLICY,
     MODEL_COLUMNS,
     MODEL_DECODE_TPS,
     MODEL_LOADED,
@@ -36,6 +41,7 @@ from .layout import (
     REQ_PRIORITY,
     REQ_PROMPT_TOKENS,
     REQ_WANTS_GPU,
+    ROUTING_POLICIES,
 )
 from .select import score_nodes
 
@@ -167,10 +173,29 @@ class Decision:
         return [(int(self.candidates[i]), float(self.scores[i])) for i in order]
 
 
+class CandidateScorer(Protocol):
+    """Scores candidates for the learned policy (sollol.learning.policy.LearnedScorer)."""
+
+    def score(
+        self,
+        signals: np.ndarray,
+        model_state: np.ndarray,
+        candidates: np.ndarray,
+        request: np.ndarray,
+        model: str | None,
+        scores: np.ndarray,
+    ) -> int: ...
+
+
 class RoutingEngine:
     def __init__(self, signals: NodeSignals, *, default_policy: str) -> None:
-        if default_policy not in POLICY_IDS:
+        if default_policy not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {default_policy!r}")
+        # Set by the model reloader; replaced whole, never changed in place.
+        self.learned: CandidateScorer | None = None
+        # Share of learned decisions sent to a random other eligible node.
+        self.explore_share = 0.0
+        self.random = random.Random()
         self.signals = signals
         self.default_policy = default_policy
         node_count = signals.matrix.shape[0]
@@ -188,6 +213,7 @@ class RoutingEngine:
         *,
         model_state: np.ndarray | None = None,
         dry_run: bool = False,
+        model: str | None = None,
     ) -> Decision | None:
         """Score ``candidates`` under ``policy`` (default: the configured one) and pick one.
 
@@ -207,9 +233,14 @@ class RoutingEngine:
         turn = self._turn + 1
         if not dry_run:
             self._turn = turn
+        model_state = self._unknown if model_state is None else model_state
+        if policy == LEARNED_POLICY:
+            if self.learned is not None:
+                return self._decide_learned(candidates, model_state, model, dry_run=dry_run)
+            policy = LEARNED_FALLBACK_POLICY
         node = score_nodes(
             self.signals.matrix,
-            self._unknown if model_state is None else model_state,
+            model_state,
             candidates,
             request,
             POLICY_IDS[policy],
@@ -224,6 +255,29 @@ class RoutingEngine:
             candidates=candidates,
             scores=self._scores[: len(candidates)].copy(),
         )
+
+    def _decide_learned(
+        self, candidates: np.ndarray, model_state: np.ndarray, model: str | None, *, dry_run: bool
+    ) -> Decision | None:
+        scorer = self.learned
+        assert scorer is not None
+        node = scorer.score(
+            self.signals.matrix, model_state, candidates, self._request, model, self._scores
+        )
+        if node < 0:
+            return None
+        scores = self._scores[: len(candidates)].copy()
+        policy = LEARNED_POLICY
+        if not dry_run and self.explore_share > 0.0 and self.random.random() < self.explore_share:
+            others = [
+                int(candidate)
+                for candidate, score in zip(candidates, scores, strict=True)
+                if math.isfinite(score) and candidate != node
+            ]
+            if others:
+                node = self.random.choice(others)
+                policy = LEARNED_EXPLORE_POLICY
+        return Decision(node=node, policy=policy, candidates=candidates, scores=scores)
 
     def remember_prefix(self, features: RequestFeatures, node: int) -> None:
         """Record that ``node`` now has this conversation's prompt in its cache."""

@@ -44,6 +44,15 @@ POLICY_IDS = {
     "predicted_latency": POLICY_PREDICTED_LATENCY,
 }
 
+# The learned policy scores with a trained model (sollol/learning), not with
+# the core above; until a model is loaded it falls back to predicted_latency.
+LEARNED_POLICY = "learned"
+LEARNED_FALLBACK_POLICY = "predicted_latency"
+# The label a decision gets, in the history too, when the learned policy sends
+# a request to a node other than its best so the history keeps covering it.
+LEARNED_EXPLORE_POLICY = "learned:explore"
+ROUTING_POLICIES = (*POLICY_IDS, LEARNED_POLICY)
+
 # Stand-ins for signals not measured yet, so a new node is neither shunned nor
 # flooded. These are rough estimates for a small model on a CPU node.
 UNKNOWN_TTFT_MS = 200.0
