@@ -103,7 +103,7 @@ def test_group_serves_openai_sdk_through_router(running_group):
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 8
     assert chunks[0].model == "tiny-shard"
-    # Each worker holds one of the tiny model's two layers; the second also the output layer.
+    # Each worker gets one of the tiny model's two layers; the second also the output layer.
     assert [line for line in shard.lines if "layer(s)" in line] == [
         line for line in shard.lines if "1 layer(s)" in line
     ]

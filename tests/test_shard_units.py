@@ -301,3 +301,28 @@ def test_group_wins_only_when_predicted_faster(score_nodes, group_decode_tps, ex
         scores,
     )
     assert chosen == (group if expected == "group" else single)
+
+
+def test_worker_closing_on_hello_is_a_version_mismatch():
+    import socket as socket_module
+    import threading
+
+    from sollol.shard.errors import VersionMismatchError
+
+    listener = socket_module.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def close_after_first_bytes() -> None:
+        # An older worker reads the command and size, finds the size wrong and closes.
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(9)
+
+    thread = threading.Thread(target=close_after_first_bytes)
+    thread.start()
+    try:
+        with pytest.raises(VersionMismatchError, match=r"rejected the HELLO of RPC protocol 7\.x"):
+            probe_worker("127.0.0.1", port, client_version=RpcVersion(7, 0, 0), timeout_s=5.0)
+    finally:
+        thread.join(5)
+        listener.close()

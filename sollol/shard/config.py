@@ -28,9 +28,9 @@ from typing import Any
 
 from ..config import ConfigError, NodeConfig, NodeKind
 
-# Routing cost of a group relative to a single node: a group pays a network
-# hop per layer split, so the router picks it for a model a single node also
-# serves only when it predicts the group to be this many times faster.
+# Routing cost of a group relative to a single node. A group pays a network
+# hop between workers for every token, so the router picks it for a model that
+# a single node also serves only when it predicts the group this much faster.
 DEFAULT_GROUP_COST_WEIGHT = 1.5
 
 _GROUP_KEYS = {

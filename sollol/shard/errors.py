@@ -1,6 +1,6 @@
 """Errors of shard group management, grouped by whether a restart can help.
 
-    ShardError                     base; ``retryable`` says whether a restart may help
+    ShardError                     base; ``retryable`` tells whether a restart may help
     ├── WorkerUnreachableError     a worker refused or dropped the probe (retryable)
     ├── GroupStartError            a process exited or was not healthy in time (retryable)
     ├── VersionMismatchError       a worker runs another RPC protocol version

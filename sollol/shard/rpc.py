@@ -3,9 +3,9 @@
 Wire format (ggml-rpc.cpp, protocol 7.0.0), all integers little-endian:
 a request is ``cmd (1 byte) | size (u64) | payload``, a reply is
 ``size (u64) | payload``. HELLO (cmd 14) must be the first command of a
-connection; its request carries 24 bytes of transport capabilities (all zero
-means plain TCP), and its reply ``major, minor, patch, padding (1 byte each)``
-plus 24 bytes of capabilities. DEVICE_COUNT (15) takes an empty payload and
+connection. Its request carries 24 bytes of transport capabilities (all zero
+means plain TCP). Its reply is ``major, minor, patch, padding`` (1 byte each)
+and 24 bytes of capabilities. DEVICE_COUNT (15) takes an empty payload and
 returns a u32; GET_DEVICE_MEMORY (11) takes a u32 device index and returns
 ``free, total`` as two u64.
 
@@ -17,7 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .errors import WorkerUnreachableError
+from .errors import VersionMismatchError, WorkerUnreachableError
 
 CMD_GET_DEVICE_MEMORY = 11
 CMD_HELLO = 14
@@ -45,7 +45,7 @@ class RpcVersion:
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
-    """What a worker returned on one probe connection."""
+    """The figures a worker returned on one probe connection."""
 
     version: RpcVersion
     # Summed over the worker's devices; None when its version is not accepted,
@@ -67,7 +67,16 @@ def probe_worker(
     address = f"{host}:{port}"
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            version = _hello(sock)
+            try:
+                version = _hello(sock)
+            except _ProtocolError as exc:
+                # Workers of older protocols expect another HELLO size (or no
+                # HELLO at all) and close the connection on this one.
+                raise VersionMismatchError(
+                    f"RPC worker {address} rejected the HELLO of RPC protocol "
+                    f"{client_version.major}.x ({exc}), so it runs another llama.cpp "
+                    "version; run the same llama.cpp build on every machine"
+                ) from exc
             if not version.accepted_by(client_version):
                 return WorkerReport(version=version, free_bytes=None, total_bytes=None)
             free_bytes, total_bytes = _device_memory(sock)
@@ -87,7 +96,11 @@ class _ProtocolError(Exception):
 
 
 def _hello(sock: socket.socket) -> RpcVersion:
-    payload = _call(sock, CMD_HELLO, bytes(CONN_CAPS_BYTES), _HELLO_REPLY.size)
+    try:
+        payload = _call(sock, CMD_HELLO, bytes(CONN_CAPS_BYTES), _HELLO_REPLY.size)
+    except ConnectionResetError as exc:
+        # A worker that closes with part of the request unread resets the connection.
+        raise _ProtocolError("connection reset") from exc
     major, minor, patch, _caps = _HELLO_REPLY.unpack(payload)
     return RpcVersion(major, minor, patch)
 

@@ -3,9 +3,9 @@
 Start order: local workers, then a HELLO to every worker (protocol version
 and memory), then placement, then the coordinator ``llama-server --rpc``.
 llama.cpp aborts the coordinator when a worker fails the handshake at start
-or dies later, so the group is one unit: when any process of it exits, the
-supervisor kills the others at once (the router's next probe or request then
-sees a refused connection and takes the group out) and starts the whole
+or dies later, so the group is one unit. When any process of it exits, the
+supervisor kills the others at once, so the router's next probe or request
+gets a refused connection and takes the group out. Then it starts the whole
 group again after a backoff that doubles up to ``restart_max_s``.
 """
 
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # the count of failed starts begin again from zero.
 STABLE_RUN_S = 60.0
 WATCH_INTERVAL_S = 0.05
-# Every worker gets the whole model loaded over TCP; -ngl 99 offloads all
-# layers, so only the input embedding stays on the coordinator.
+# -ngl 99 offloads every layer to the workers, so only the input embedding
+# stays on the coordinator.
 GPU_LAYERS = "99"
 
 

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 WORKER_BINARY = "ggml-rpc-server"
 WORKER_START_TIMEOUT_S = 15.0
-# Any version is accepted while only the version is read: HELLO itself is the
-# same in every protocol version that has it.
+# A client version no worker matches, so the probe reads the version only and
+# sends none of the commands that may differ between protocol versions.
 _ANY_VERSION = RpcVersion(255, 255, 255)
 
 
@@ -57,7 +57,7 @@ class WorkerProcess:
         return None if self.process is None else self.process.poll()
 
     def wait_ready(self, *, timeout_s: float = WORKER_START_TIMEOUT_S) -> RpcVersion:
-        """Wait until the worker answers HELLO and return its protocol version."""
+        """Wait until the worker replies to HELLO and return its protocol version."""
         deadline = time.monotonic() + timeout_s
         while True:
             code = self.exit_code()

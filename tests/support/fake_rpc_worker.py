@@ -1,4 +1,4 @@
-"""A stand-in for ggml-rpc-server that answers HELLO with any version, on 127.0.0.1.
+"""A stand-in for ggml-rpc-server on 127.0.0.1 that replies to HELLO with any version.
 
 It serves HELLO, DEVICE_COUNT and GET_DEVICE_MEMORY (the commands SOLLOL's
 probe sends) one connection at a time, as the real worker does, and closes a
