@@ -102,6 +102,9 @@ class GroupSupervisor:
 
     def _watch(self) -> str | None:
         """Wait until a process of the group exits (return what happened) or a stop request."""
+        # NOTE: remote workers are not watched. A worker serves one connection at
+        # a time, so it cannot be probed while the coordinator holds it; a dead one
+        # shows only when the coordinator next uses it and aborts.
         while not self.stop_event.wait(WATCH_INTERVAL_S):
             for worker in self.workers:
                 code = worker.exit_code()
