@@ -1,4 +1,4 @@
-"""The ``sollol`` command: serve, demo, make-model, shard."""
+"""The ``sollol`` command: serve, demo, make-model, shard, train, evaluate."""
 
 import argparse
 import asyncio
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .learning.commands import add_learning_parsers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     make_model.add_argument("path", type=Path, help="output .gguf file")
     make_model.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     make_model.set_defaults(handler=_make_model_command)
+    add_learning_parsers(commands)
     _add_shard_parser(commands)
     return parser
 
