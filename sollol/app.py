@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import SollolError, openai_error_body
 from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
+from .learned_api import LearnedModelRoutes
 from .metrics import RouterMetrics
 from .ollama_api import OllamaRoutes, ollama_error_body
 from .openai_api import OpenAIRoutes
@@ -64,6 +65,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         max_connections=settings.max_upstream_connections,
     )
     history = HistoryWriter(create_history_engine(settings.database_url))
+    learned = LearnedModelRoutes(cluster, settings)
     metrics = RouterMetrics()
     metrics.watch(cluster, scheduler, history)
     proxy = Proxy(
@@ -82,6 +84,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await client.start()
         history.start()
+        await learned.start()
         health_task = None
         if probe_nodes:
             await cluster.refresh(client, timeout_s=settings.connect_timeout_s)
@@ -100,6 +103,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
                 health_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await health_task
+            await learned.stop()
             await client.close()
             await asyncio.to_thread(history.close)
 
@@ -132,6 +136,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/sollol/route", openai_routes.explain_route, methods=["GET"]),
+            *learned.routes(),
             *openai_routes.routes(),
             *ollama_routes.routes(),
             metrics.route(),
@@ -149,6 +154,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     app.state.client = client
     app.state.scheduler = scheduler
     app.state.metrics = metrics
+    app.state.learned = learned
     return app
 
 

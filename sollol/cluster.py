@@ -146,6 +146,7 @@ class Cluster:
             policy,
             model_state=self.signals.model_state(model),
             dry_run=dry_run,
+            model=model,
         )
 
     def acquire(self, node: Node) -> None:

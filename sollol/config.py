@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .routing.layout import POLICY_IDS
+from .routing.layout import ROUTING_POLICIES
 
 if TYPE_CHECKING:
     from .shard.config import ShardGroupConfig
@@ -98,8 +98,16 @@ class Settings:
     breaker_max_open_s: float = 60.0
     retry_after_s: int = 2
     max_upstream_connections: int = 256
-    # round_robin | least_loaded | sollol_heuristic | predicted_latency
+    # round_robin | least_loaded | sollol_heuristic | predicted_latency | learned
     routing_policy: str = DEFAULT_ROUTING_POLICY
+    # The artifact `sollol train` writes; the router loads it at start, when
+    # the file changes (checked every model_reload_interval_s) and on
+    # POST /sollol/policy/reload. Empty: no learned model.
+    learned_model_path: str = "sollol-model.json"
+    model_reload_interval_s: float = 5.0
+    # Share of the learned policy's decisions sent to a random other node, so
+    # the history keeps measuring every node. Recorded as "learned:explore".
+    explore_share: float = 0.02
     # Requests wait in a per-model queue while every node serving the model
     # has all its slots in use.
     max_queued_per_model: int = 256
@@ -177,10 +185,13 @@ def load_settings(
     nodes.extend(parse_node_spec(spec) for spec in extra_nodes)
 
     policy = values.get("routing_policy", DEFAULT_ROUTING_POLICY)
-    if policy not in POLICY_IDS:
+    if policy not in ROUTING_POLICIES:
         raise ConfigError(
-            f"unknown routing_policy {policy!r}; expected one of {', '.join(sorted(POLICY_IDS))}"
+            f"unknown routing_policy {policy!r}; "
+            f"expected one of {', '.join(sorted(ROUTING_POLICIES))}"
         )
+    if values.get("explore_share", 0.0) > 1.0:
+        raise ConfigError(f"explore_share must be from 0 to 1, got {values['explore_share']}")
 
     names = [node.name for node in nodes]
     duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -39,7 +39,7 @@ from .routing.features import (
     estimate_features,
     parse_priority,
 )
-from .routing.layout import POLICY_IDS
+from .routing.layout import ROUTING_POLICIES
 from .routing.scheduler import ClientGoneError, QueueFullError, QueueTimeoutError, Scheduler
 
 # orjson 3.13 parses up to 1024 levels of nested arrays and objects but
@@ -184,9 +184,10 @@ def _check_text_or_tokens(body: dict[str, Any], field: str) -> None:
 def _read_policy(value: str | None, param: str = "x-sollol-policy") -> str | None:
     if value is None or value == "":
         return None
-    if value not in POLICY_IDS:
+    if value not in ROUTING_POLICIES:
         raise InvalidRequestError(
-            f"unknown routing policy {value!r}; expected one of {', '.join(sorted(POLICY_IDS))}",
+            f"unknown routing policy {value!r}; "
+            f"expected one of {', '.join(sorted(ROUTING_POLICIES))}",
             param=param,
         )
     return value

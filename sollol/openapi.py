@@ -27,7 +27,7 @@ from .request_fields import (
     TOOL_CALL,
     JsonSchema,
 )
-from .routing.layout import POLICY_IDS
+from .routing.layout import ROUTING_POLICIES
 
 OPENAPI_PATH = "/openapi.json"
 
@@ -193,6 +193,15 @@ SCHEMAS: dict[str, JsonSchema] = {
             },
         },
     },
+    "PolicyReload": {
+        "type": "object",
+        "required": ["loaded", "path", "message"],
+        "properties": {
+            "loaded": {"type": "boolean", "description": "True when the new model is in use."},
+            "path": {"type": ["string", "null"]},
+            "message": {"type": "string"},
+        },
+    },
     "RouteExplanation": {
         "type": "object",
         "required": ["model", "policy", "chosen", "candidates", "lower_score_wins"],
@@ -248,7 +257,7 @@ _ROUTING_HEADERS = [
         "in": "header",
         "required": False,
         "description": "Routing policy for this request; empty means the configured default.",
-        "schema": {"enum": ["", *sorted(POLICY_IDS)]},
+        "schema": {"enum": ["", *sorted(ROUTING_POLICIES)]},
     },
     {
         "name": "x-sollol-priority",
@@ -325,11 +334,20 @@ OPERATIONS: dict[tuple[str, str], JsonSchema] = {
             "503": _json(_ref("Health"), "No node is healthy."),
         },
     },
+    ("/sollol/policy/reload", "POST"): {
+        "summary": "Load the learned model's artifact now; the previous model stays on failure",
+        "responses": {
+            "200": _json(_ref("PolicyReload"), "The new model is in use."),
+            "409": _json(_ref("PolicyReload"), "Missing or incompatible; nothing changed."),
+        },
+    },
     ("/sollol/route", "GET"): {
         "summary": "The node the router would choose now, without sending anything",
         "parameters": [
             _query("model", {"type": "string", "minLength": 1}, "Model to route.", True),
-            _query("policy", {"enum": ["", *sorted(POLICY_IDS)]}, "Empty: the default policy."),
+            _query(
+                "policy", {"enum": ["", *sorted(ROUTING_POLICIES)]}, "Empty: the default policy."
+            ),
             _query("task", {"enum": list(TASKS)}, "Kind of request (default chat)."),
             _query("prompt_tokens", _NON_NEGATIVE, "Prompt length in tokens (default 0)."),
             _query("max_tokens", _NON_NEGATIVE, "Output limit (default 256, 0 for embedding)."),
