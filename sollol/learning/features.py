@@ -129,10 +129,11 @@ def _read(engine, since, until, report) -> FeatureTable:  # type: ignore[no-unty
         cursor.close()
     finally:
         connection.close()
-    return _to_table(dict(zip(_HISTORY_COLUMNS, columns, strict=True)))
+    return table_from_columns(dict(zip(_HISTORY_COLUMNS, columns, strict=True)))
 
 
-def _to_table(columns: dict[str, list]) -> FeatureTable:
+def table_from_columns(columns: dict[str, list]) -> FeatureTable:
+    """Build a FeatureTable from history columns (lists of values, NULL as None)."""
     node_names = tuple(sorted(set(columns["node"])))
     model_names = tuple(sorted(set(columns["model"])))
     rows = len(columns["node"])
