@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/test-packages.sh
 echo "test: ruff"
 .venv/bin/ruff check sollol tests loadtests benchmarks
 echo "test: pytest"

@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from .cluster import Cluster
 from .config import Settings
+from .dashboard import DashboardFeed
 from .errors import SollolError, openai_error_body
 from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
@@ -68,8 +69,14 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     learned = LearnedModelRoutes(cluster, settings)
     metrics = RouterMetrics()
     metrics.watch(cluster, scheduler, history)
+    feed = DashboardFeed(cluster, scheduler, interval_s=settings.dashboard_interval_s)
     proxy = Proxy(
-        cluster=cluster, client=client, history=history, settings=settings, metrics=metrics
+        cluster=cluster,
+        client=client,
+        history=history,
+        settings=settings,
+        metrics=metrics,
+        feed=feed,
     )
     openai_routes = OpenAIRoutes(proxy, scheduler, max_body_bytes=settings.max_body_bytes)
     ollama_routes = OllamaRoutes(
@@ -108,20 +115,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             await asyncio.to_thread(history.close)
 
     async def health(request: Request) -> Response:
-        nodes = [
-            {
-                "name": node.name,
-                "kind": node.kind.value,
-                "url": node.url,
-                "healthy": node.healthy,
-                "models": sorted(node.models),
-                "served": node.served_total,
-                "last_error": node.last_error,
-                **node.health.describe(),
-                **cluster.signals.row(node.index),
-            }
-            for node in cluster.nodes
-        ]
+        nodes = [cluster.describe(node) for node in cluster.nodes]
         healthy = any(node.healthy for node in cluster.nodes)
         body = {
             "status": "ok" if healthy else "unavailable",
@@ -140,6 +134,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             *openai_routes.routes(),
             *ollama_routes.routes(),
             metrics.route(),
+            *feed.routes(),
             openapi_route(),
         ],
         exception_handlers={
@@ -155,6 +150,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.state.learned = learned
+    app.state.dashboard = feed
     return app
 
 

@@ -160,6 +160,26 @@ class Cluster:
         node.served_total += 1
         self.on_capacity()
 
+    def describe(self, node: Node) -> dict[str, object]:
+        """Return the node's state as ``GET /health`` and the dashboard show it."""
+        loaded = [
+            model
+            for model in sorted(node.models)
+            if self.signals.model_state(model)[node.index, MODEL_LOADED] == 1.0
+        ]
+        return {
+            "name": node.name,
+            "kind": node.kind.value,
+            "url": node.url,
+            "healthy": node.healthy,
+            "models": sorted(node.models),
+            "loaded_models": loaded,
+            "served": node.served_total,
+            "last_error": node.last_error,
+            **node.health.describe(),
+            **self.signals.row(node.index),
+        }
+
     def candidates_of(self, model: str) -> np.ndarray:
         """Return the indices of the healthy nodes that serve ``model``."""
         return self._candidates.get(model, _EMPTY)

@@ -116,6 +116,8 @@ class Settings:
     # Requests per slot a node may hold waiting in its own queue before the
     # router starts queueing; keeps each node busy between requests.
     node_queue_per_slot: float = 1.0
+    # How often the dashboard's open pages get a new state (at most once per interval).
+    dashboard_interval_s: float = 1.0
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
     # llama.cpp RPC shard groups; each also appears in ``nodes`` as one llamacpp node.
     shard_groups: tuple["ShardGroupConfig", ...] = field(default_factory=tuple)

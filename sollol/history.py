@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
+from .config import ConfigError
 from .migrations import upgrade_to_head
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,12 @@ log = logging.getLogger(__name__)
 POSTGRESQL_CONNECT_TIMEOUT_S = 5
 
 
-class HistoryStoreError(RuntimeError):
-    """The history database could not be opened or upgraded to the current schema."""
+class HistoryStoreError(ConfigError):
+    """The history database could not be opened or upgraded to the current schema.
+
+    A ConfigError, so that ``sollol serve`` reports it and exits with status 2:
+    the usual cause is a ``database_url`` that names the wrong database.
+    """
 
 
 metadata = MetaData()
@@ -121,6 +126,8 @@ class RequestRecord:
     model_loaded: bool | None = None
     node_ttft_ms_avg: float | None = None
     node_decode_tps_avg: float | None = None
+    # Not stored: the second-best candidate, for the dashboard's feed.
+    runner_up: str | None = None
     # Reported by the node (llama-server's `timings`); feed the routing
     # signals and are not stored.
     node_ttft_ms: float | None = None

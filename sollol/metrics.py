@@ -46,6 +46,7 @@ class _Children:
 
     requests: Any
     failovers: Any
+    retries: Any
     latency: Any
     ttft: Any
     decode_speed: Any
@@ -103,6 +104,12 @@ class RouterMetrics:
             ["route", "model"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "sollol_retries",
+            "Attempts beyond the first: each one sent a request to another node.",
+            ["route", "model"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, str, str, int, str], _Children] = {}
 
     def observe(self, record: "RequestRecord") -> None:
@@ -116,6 +123,7 @@ class RouterMetrics:
             children = self._children[key] = _Children(
                 requests=self.requests.labels(*key[:4], str(record.status), record.outcome),
                 failovers=self.failovers.labels(record.route, record.model),
+                retries=self.retries.labels(record.route, record.model),
                 latency=self.latency.labels(record.route, record.model, node),
                 ttft=self.ttft.labels(record.model, node),
                 decode_speed=self.decode_speed.labels(record.model, node),
@@ -126,6 +134,7 @@ class RouterMetrics:
         children.requests.inc()
         if record.attempts > 1:
             children.failovers.inc()
+            children.retries.inc(record.attempts - 1)
         if not node:
             return
 

@@ -446,6 +446,34 @@ OPERATIONS.update(
                 }
             },
         },
+        ("/dashboard", "GET"): {
+            "summary": "The live dashboard: an HTML page that reads /dashboard/events",
+            "responses": {
+                "200": {
+                    "description": "The page.",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+        ("/dashboard/state", "GET"): {
+            "summary": "The dashboard's data once: nodes, recent requests, percentiles",
+            "responses": {
+                "200": {
+                    "description": "The state.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        },
+        ("/dashboard/events", "GET"): {
+            "summary": "The dashboard's data as server-sent events, one state per interval",
+            "responses": {
+                "200": {
+                    "description": "An endless stream of `data: <state JSON>` events.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                "503": _json(_ERROR, "Too many dashboards are open."),
+            },
+        },
         ("/", "GET"): {
             "summary": "Ollama's liveness check: 'Ollama is running'",
             "tags": ["ollama"],

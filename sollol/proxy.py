@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
@@ -40,6 +40,9 @@ from .routing.features import RequestFeatures
 from .sse import Event, LineParser, SSEParser
 from .streaming import StreamRelay
 from .upstream import UpstreamClient, UpstreamConnectionError, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .dashboard import DashboardFeed
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sollol.access")
@@ -108,12 +111,14 @@ class Proxy:
         history: HistoryWriter,
         settings: Settings,
         metrics: RouterMetrics | None = None,
+        feed: "DashboardFeed | None" = None,
     ) -> None:
         self.cluster = cluster
         self.client = client
         self.history = history
         self.settings = settings
         self.metrics = metrics
+        self.feed = feed
 
     async def forward(self, request: ProxyRequest) -> Response:
         record = RequestRecord(
@@ -194,7 +199,7 @@ class Proxy:
             record.attempts += 1
             record.node = node.name
             record.policy = decision.policy
-            record.scores = self._explain(decision)
+            record.scores = self._explain(decision, record)
             _note_decision(
                 record, request, self.cluster.signals.snapshot(node.index, request.model)
             )
@@ -307,10 +312,12 @@ class Proxy:
             node.index, record.model, ok=ok, ttft_ms=ttft_ms, decode_tps=record.decode_tps
         )
 
-    def _explain(self, decision: Decision) -> str:
+    def _explain(self, decision: Decision, record: RequestRecord) -> str:
         """Return the best candidates' scores as compact JSON for the history row."""
         best = decision.best(MAX_EXPLAINED_CANDIDATES)
         scores = {self.cluster.nodes[index].name: score for index, score in best}
+        others = [index for index, score in best if index != decision.node and math.isfinite(score)]
+        record.runner_up = self.cluster.nodes[others[0]].name if others else None
         # JSON has no infinity; a null score means "not eligible".
         return orjson.dumps({name: _finite(score) for name, score in scores.items()}).decode()
 
@@ -342,12 +349,16 @@ class Proxy:
         self.history.record(record)
         if self.metrics is not None:
             self.metrics.observe(record)
+        if self.feed is not None:
+            self.feed.publish(record)
+        # One logfmt line per request: fields only, never prompt or reply text.
         access_log.info(
-            "%s model=%s node=%s status=%d outcome=%s attempts=%d latency_ms=%.1f "
-            "ttft_ms=%s prompt_tokens=%s completion_tokens=%s",
+            "route=%s model=%s node=%s policy=%s status=%d outcome=%s attempts=%d "
+            "latency_ms=%.1f ttft_ms=%s prompt_tokens=%s completion_tokens=%s",
             record.route,
-            record.model,
-            record.node,
+            _logfmt(record.model),
+            record.node or "-",
+            record.policy or "-",
             record.status,
             record.outcome,
             record.attempts,
@@ -402,6 +413,13 @@ def error_message(data: bytes) -> str | None:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _logfmt(value: str) -> str:
+    """Quote a value that would break a logfmt line (model names come from clients)."""
+    if value and not any(c.isspace() or c in '"=' for c in value):
+        return value
+    return orjson.dumps(value).decode()
 
 
 def _note_decision(record: RequestRecord, request: ProxyRequest, node: NodeSnapshot) -> None:

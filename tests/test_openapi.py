@@ -34,10 +34,14 @@ WITHOUT_INVALID_INPUT = {
     ("/api/tags", "GET"),
     ("/api/ps", "GET"),
     ("/metrics", "GET"),
+    ("/dashboard", "GET"),
+    ("/dashboard/state", "GET"),
     ("/sollol/policy/reload", "POST"),
 }
 # Schemathesis leaves out the operation that serves the schema itself.
-FUZZED = sorted(key for key in OPERATIONS if key != (OPENAPI_PATH, "GET"))
+LOADED = sorted(key for key in OPERATIONS if key != (OPENAPI_PATH, "GET"))
+# The dashboard's event stream never ends, so no example of it could finish.
+FUZZED = [key for key in LOADED if key != ("/dashboard/events", "GET")]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,7 @@ def test_schema_loads_as_openapi_31(router_schema):
         (result.ok().path, result.ok().method.upper())
         for result in router_schema.get_all_operations()
     }
-    assert operations == set(FUZZED)
+    assert operations == set(LOADED)
 
 
 def _integral_floats_to_ints(value):
