@@ -151,7 +151,10 @@ async def serve_router(settings: Settings) -> None:
     # Dashboard streams never end by themselves; they must not hold up the shutdown.
     app.state.dashboard.close_on(shutdown)
     url = base_url_of(sock)
-    print(f"sollol: listening on {url} (OpenAI base_url {url}/v1)", flush=True)
+    print(
+        f"sollol: listening on {url} (OpenAI base_url {url}/v1, dashboard {url}/dashboard)",
+        flush=True,
+    )
     await serve_app(app, sock, shutdown_event=shutdown, max_header_bytes=settings.max_header_bytes)
 
 
