@@ -64,6 +64,23 @@ def test_killed_node_between_requests_fails_over(doomed_cluster):
     assert nodes["n2"]["healthy"] is True
 
 
+def test_killed_idle_node_leaves_at_the_next_probe(doomed_cluster):
+    router, servers = doomed_cluster
+    kill(servers["n1"])
+    killed = time.monotonic()
+    # Probes run every second here; three failed probes would take 3 s, but a
+    # refused connection takes the node out at the first.
+    nodes = {}
+    while time.monotonic() - killed < 10:
+        nodes = {n["name"]: n for n in httpx.get(router.base_url + "/health").json()["nodes"]}
+        if not nodes["n1"]["up"]:
+            break
+        time.sleep(0.05)
+    assert nodes["n1"]["up"] is False
+    assert time.monotonic() - killed < 2.5
+    assert nodes["n2"]["healthy"] is True
+
+
 def test_node_killed_mid_stream_ends_with_error_event(doomed_cluster):
     router, servers = doomed_cluster
     body = {

@@ -93,6 +93,8 @@ class UpstreamClient:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 body = await response.read()
                 status = response.status
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectionError(_describe(exc), connect_failed=True) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamConnectionError(_describe(exc)) from exc
         try:
