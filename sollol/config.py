@@ -124,9 +124,7 @@ class Settings:
 
 
 _SERVER_KEYS = {
-    f.name: f.type
-    for f in dataclasses.fields(Settings)
-    if f.name not in ("nodes", "shard_groups")
+    f.name: f.type for f in dataclasses.fields(Settings) if f.name not in ("nodes", "shard_groups")
 }
 
 
