@@ -1,6 +1,7 @@
 """The exported forest: equal to scikit-learn's predict, on both twins, and safe on bad input."""
 
 import importlib
+import json
 import math
 
 import numpy as np
@@ -108,6 +109,15 @@ def test_round_trip_through_dict_keeps_predictions():
     again = Forest.from_dict(forest.to_dict(), feature_count=FEATURE_COUNT)
     rows = rng.uniform(0, 100, (200, FEATURE_COUNT))
     assert np.array_equal(_predict(_forest_py, again, rows), model.predict(rows))
+
+
+def test_infinite_threshold_survives_strict_json():
+    forest = one_split_forest(3, math.inf, 100.0, 200.0)
+    text = json.dumps(forest.to_dict(), allow_nan=False)
+    again = Forest.from_dict(json.loads(text), feature_count=FEATURE_COUNT)
+    assert again.threshold[0] == math.inf
+    rows = np.array([[5.0] * FEATURE_COUNT, [math.nan] * FEATURE_COUNT])
+    assert np.exp(_predict(_forest_py, again, rows)).tolist() == pytest.approx([100.0, 100.0])
 
 
 def _cluster(nodes: int, rng):
@@ -243,6 +253,8 @@ def test_wrong_dtype_rejected_by_both_twins(twin):
         {"value": [0.0, math.inf, 1.0]},
         {"roots": [5]},
         {"threshold": [0.5]},
+        {"threshold": ["NaN", 0.0, 0.0]},
+        {"threshold": ["fast", 0.0, 0.0]},
     ],
 )
 def test_forest_check_rejects_malformed_dict(change):

@@ -46,7 +46,9 @@ class Forest:
             "baseline": self.baseline,
             "roots": self.roots.tolist(),
             "feature": self.feature.tolist(),
-            "threshold": self.threshold.tolist(),
+            # A split that sends every number one way and only NaN the other
+            # has an infinite threshold, which strict JSON cannot hold as a number.
+            "threshold": [_json_float(value) for value in self.threshold.tolist()],
             "left": self.left.tolist(),
             "right": self.right.tolist(),
             "missing_left": self.missing_left.tolist(),
@@ -63,7 +65,7 @@ class Forest:
                 baseline=float(data["baseline"]),
                 roots=np.asarray(data["roots"], dtype=np.int64),
                 feature=np.asarray(data["feature"], dtype=np.int64),
-                threshold=np.asarray(data["threshold"], dtype=np.float64),
+                threshold=np.array([float(value) for value in data["threshold"]]),
                 left=np.asarray(data["left"], dtype=np.int64),
                 right=np.asarray(data["right"], dtype=np.int64),
                 missing_left=np.asarray(data["missing_left"], dtype=np.uint8),
@@ -94,6 +96,14 @@ class Forest:
                 raise ModelArtifactError("a split points to a child outside its tree")
         if not np.all(np.isfinite(self.value[~split])):
             raise ModelArtifactError("a leaf value is not finite")
+        if np.any(np.isnan(self.threshold[split])):
+            raise ModelArtifactError("a split threshold is NaN")
+
+
+def _json_float(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    return "Infinity" if value > 0 else "-Infinity"
 
 
 def export_hist_gradient_boosting(model: Any) -> Forest:
