@@ -2,10 +2,13 @@
 
     SollolError                      base; carries HTTP status and OpenAI fields
     ├── InvalidRequestError          400, malformed JSON or a bad field
+    ├── AuthenticationError          401, no API key, or one that is unknown or revoked
+    ├── PermissionDeniedError        403, the key lacks the scope the route needs
     ├── ModelNotFoundError           404, no configured node serves the model
     ├── PayloadTooLargeError         413, body over ``max_body_bytes``
     ├── NoNodeAvailableError         503, the model is known but no node can take it now
     ├── QueueFullError               429, the model's wait queue is at its bound
+    ├── RateLimitError               429, the key is over a rate limit or its token quota
     ├── ClientClosedError            499, the client left while its request waited
     └── UpstreamError                a node failed, could not be reached, or returned an error
 
@@ -20,6 +23,7 @@ reach a client, so they stand apart:
     └── ModelArtifactError           a learned-model file is unreadable or incompatible
 """
 
+import math
 from typing import Any
 
 import orjson
@@ -58,6 +62,19 @@ class InvalidRequestError(SollolError):
     error_type = "invalid_request_error"
 
 
+class AuthenticationError(SollolError):
+    status_code = 401
+    error_type = "authentication_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class PermissionDeniedError(SollolError):
+    status_code = 403
+    error_type = "permission_error"
+
+
 class ModelNotFoundError(SollolError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -92,6 +109,22 @@ class QueueFullError(SollolError):
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message, code="queue_full", headers={"Retry-After": str(retry_after_s)})
+
+
+class RateLimitError(SollolError):
+    """A key's requests or tokens per minute, or its token quota, are used up.
+
+    ``code`` names the limit: ``rate_limit_requests``, ``rate_limit_tokens``
+    or ``quota_exceeded``.
+    """
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, code: str, retry_after_s: float) -> None:
+        # Retry-After takes whole seconds (RFC 9110), so round up.
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(message, code=code, headers={"Retry-After": str(seconds)})
 
 
 class ClientClosedError(SollolError):

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -86,6 +88,28 @@ requests_table = Table(
     Column("model_loaded", Boolean, nullable=True, doc="model in the node's memory, if known"),
     Column("node_ttft_ms_avg", Float, nullable=True, doc="moving average TTFT, if measured"),
     Column("node_decode_tps_avg", Float, nullable=True, doc="moving average decode speed"),
+    # Tenancy: who sent the request and what its tokens cost.
+    Column("key_id", Integer, nullable=True, doc="api_keys.id; None when auth is off"),
+    Column("cost", Float, nullable=True, doc="price of the tokens; None when no price is set"),
+    Index("ix_requests_key_id_started_at", "key_id", "started_at"),
+)
+
+# API keys. Only the SHA-256 of each secret is stored; see sollol.keys.
+api_keys_table = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("prefix", String(32), nullable=False, doc="first characters of the key, shown in lists"),
+    Column("secret_sha256", String(64), nullable=False, unique=True, doc="hex digest"),
+    Column("admin", Boolean, nullable=False),
+    Column("models", Text, nullable=True, doc="JSON array of allowed models; None: all"),
+    Column("rpm", Integer, nullable=True, doc="requests per minute; None: no limit"),
+    Column("tpm", Integer, nullable=True, doc="tokens per minute; None: no limit"),
+    Column("quota_tokens", BigInteger, nullable=True, doc="tokens per quota period"),
+    Column("quota_period", String(8), nullable=True, doc="day | month (UTC calendar)"),
+    Column("created_at", Float, nullable=False, doc="Unix time, seconds"),
+    Column("revoked_at", Float, nullable=True, doc="Unix time, seconds; None: active"),
 )
 COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
 # PostgreSQL rejects a whole batch when one value is longer than its VARCHAR
@@ -126,6 +150,11 @@ class RequestRecord:
     model_loaded: bool | None = None
     node_ttft_ms_avg: float | None = None
     node_decode_tps_avg: float | None = None
+    key_id: int | None = None
+    cost: float | None = None
+    # Not stored: tokens reserved against the key's limits while the request
+    # runs, released when it ends (see sollol.quotas).
+    reserved_tokens: int = 0
     # Not stored: the second-best candidate, for the dashboard's feed.
     runner_up: str | None = None
     # Reported by the node (llama-server's `timings`); feed the routing
