@@ -155,8 +155,6 @@ class RequestRecord:
     # Not stored: tokens reserved against the key's limits while the request
     # runs, released when it ends (see sollol.quotas).
     reserved_tokens: int = 0
-    # Not stored: the second-best candidate, for the dashboard's feed.
-    runner_up: str | None = None
     # Reported by the node (llama-server's `timings`); feed the routing
     # signals and are not stored.
     node_ttft_ms: float | None = None
@@ -219,6 +217,9 @@ def create_history_engine(database_url: str) -> Engine:
             f"could not open or upgrade the history database "
             f"{url.render_as_string(hide_password=True)}: {exc}"
         ) from exc
+    except HistoryStoreError:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -390,8 +391,8 @@ class HistoryWriter:
             self._dropped_by_writer += len(batch)
             log.error("history database rejected %d rows, dropping them: %s", len(batch), exc)
             return True
-        self.written_rows += len(batch)
         self._note_available()
+        self.written_rows += len(batch)
         return True
 
     def _note_unavailable(self, exc: SQLAlchemyError) -> None:

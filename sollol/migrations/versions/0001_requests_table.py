@@ -16,6 +16,8 @@ import logging
 import sqlalchemy as sa
 from alembic import op
 
+from sollol.history import HistoryStoreError
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -70,7 +72,7 @@ def upgrade() -> None:
         if column.name in present:
             continue
         if not column.nullable:
-            raise RuntimeError(
+            raise HistoryStoreError(
                 f"the existing requests table lacks the required column {column.name!r}, "
                 "so it was not written by SOLLOL; point database_url at another database"
             )
