@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives: Chromium for the
-# dashboard's browser test. Needs root (CI runs as root) or sudo; prints what
-# to install otherwise. Already-installed packages cost nothing.
+# dashboard's browser test, PostgreSQL's server for the history store tests
+# (they start throwaway clusters of their own). Needs root (CI runs as root)
+# or sudo; prints what to install otherwise. Already-installed packages cost
+# nothing.
 set -euo pipefail
 
 packages=()
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+# Debian keeps initdb off the PATH, in /usr/lib/postgresql/<version>/bin.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    packages+=(postgresql)
+fi
 
 if [ ${#packages[@]} -eq 0 ]; then
     exit 0

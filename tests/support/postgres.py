@@ -31,7 +31,7 @@ def find_postgres_bin_dir() -> Path:
         return Path(os.environ["SOLLOL_PG_BIN_DIR"])
     on_path = shutil.which("initdb")
     if on_path:
-        return Path(on_path).parent
+        return Path(on_path).resolve().parent
     debian_dirs = sorted(
         Path("/usr/lib/postgresql").glob("*/bin"), key=lambda path: int(path.parent.name)
     )
