@@ -6,7 +6,7 @@ the same predictions bit for bit. Every step checks its bounds, which costs a
 compare per node and keeps a malformed forest from reading outside the arrays.
 """
 
-from libc.math cimport INFINITY, exp
+from libc.math cimport INFINITY, exp, log1p
 from libc.stdint cimport int64_t, uint8_t
 
 # Must match sollol/routing/layout.py and the feature order of
@@ -26,6 +26,7 @@ cdef enum:
     MODEL_COLUMNS = 4
     REQ_PROMPT_TOKENS = 0
     REQ_MAX_TOKENS = 1
+    REQ_MODEL_LOAD_MS = 5
     REQ_COLUMNS = 6
     FEATURE_COUNT = 10
 
@@ -44,6 +45,7 @@ LAYOUT = {
     "MODEL_COLUMNS": MODEL_COLUMNS,
     "REQ_PROMPT_TOKENS": REQ_PROMPT_TOKENS,
     "REQ_MAX_TOKENS": REQ_MAX_TOKENS,
+    "REQ_MODEL_LOAD_MS": REQ_MODEL_LOAD_MS,
     "REQ_COLUMNS": REQ_COLUMNS,
     "FEATURE_COUNT": FEATURE_COUNT,
 }
@@ -88,6 +90,16 @@ cdef int walk(
         total = total + value[node]
     out[0] = total
     return 0
+
+
+cdef inline double queue_offset(double in_flight, double slots) noexcept:
+    # The twin's queue_offset explains this term; same operations, same order.
+    if not slots >= 1.0:
+        slots = 1.0
+    if not in_flight > 0.0:
+        in_flight = 0.0
+    cdef double waiting = in_flight + 1.0 - slots
+    return log1p(waiting / slots) if waiting > 0.0 else 0.0
 
 
 cdef void check_forest(
@@ -164,7 +176,7 @@ def score_candidates(
     cdef int64_t node
     cdef int64_t best = -1
     cdef double best_cost = INFINITY
-    cdef double cost, raw, ttft_ms, decode_tps
+    cdef double cost, raw, ttft_ms, decode_tps, load_ms
     for position in range(candidates.shape[0]):
         node = candidates[position]
         if node < 0 or node >= node_count:
@@ -186,7 +198,11 @@ def score_candidates(
             row[9] = signals[node, COL_DECODE_TPS] if decode_tps != decode_tps else decode_tps
             walk(baseline, roots, feature, threshold, left, right, missing_left, value,
                  &row[0], FEATURE_COUNT, &raw)
+            raw = raw + queue_offset(row[4], row[6])
             cost = exp(raw) if raw < 709.0 else INFINITY
+            if row[7] == 0.0:
+                load_ms = request[REQ_MODEL_LOAD_MS]
+                cost = cost + (load_ms if load_ms > 0.0 else 0.0)
         scores[position] = cost
         if cost < best_cost:
             best = node

@@ -22,6 +22,7 @@ from sollol.routing.layout import (
     MODEL_TTFT_MS,
     REQ_COLUMNS,
     REQ_MAX_TOKENS,
+    REQ_MODEL_LOAD_MS,
     REQ_PROMPT_TOKENS,
 )
 from tests.support.learned_models import one_split_forest
@@ -144,6 +145,7 @@ def test_candidates_scored_from_signals_as_history_records_them(twin):
     request = np.zeros(REQ_COLUMNS)
     request[REQ_PROMPT_TOKENS] = 42.0
     request[REQ_MAX_TOKENS] = 64.0
+    request[REQ_MODEL_LOAD_MS] = 5000.0
     node_codes = np.array([0.0, 1.0, math.nan, 3.0, 4.0])
     candidates = np.arange(5, dtype=np.int64)
     scores = np.empty(5)
@@ -170,7 +172,15 @@ def test_candidates_scored_from_signals_as_history_records_them(twin):
             "node_decode_tps_avg": snapshot.decode_tps,
         }
         rows.append([math.nan if values[n] is None else float(values[n]) for n in FEATURE_NAMES])
-    expected = np.exp(model.predict(np.array(rows)))
+    # The trees give the log service time; the queue of requests ahead scales
+    # it, and a model known not to be loaded adds the load estimate.
+    expected = []
+    for node, raw in enumerate(model.predict(np.array(rows))):
+        snapshot = signals.snapshot(node, "tiny")
+        slots = snapshot.slots or 1
+        waiting = max(0, snapshot.in_flight + 1 - slots)
+        cost = math.exp(raw) * (1 + waiting / slots)
+        expected.append(cost + (5000.0 if snapshot.model_loaded is False else 0.0))
     np.testing.assert_allclose(scores, expected, rtol=1e-12)
     assert best == int(np.argmin(expected))
 
@@ -193,6 +203,31 @@ def test_unhealthy_and_unfit_nodes_are_ineligible(twin):
     assert scores[0] == math.inf
     assert scores[1] == pytest.approx(200.0)
     assert scores[2] == math.inf
+
+
+def test_queue_ahead_scales_prediction(twin):
+    forest = one_split_forest(0, 0.5, 100.0, 100.0)
+    signals = NodeSignals(3)
+    for node, (slots, in_flight) in enumerate([(2, 0), (2, 3), (None, 2)]):
+        signals.set_healthy(node, True)
+        signals.set_slots(node, slots)
+        for _ in range(in_flight):
+            signals.acquire(node)
+    state = signals.model_state("tiny")
+    state[2, MODEL_LOADED] = 0.0
+    request = np.zeros(REQ_COLUMNS)
+    request[REQ_MODEL_LOAD_MS] = 1000.0
+    scores = np.empty(3)
+    best = twin.score_candidates(
+        forest.baseline, forest.roots, forest.feature, forest.threshold, forest.left,
+        forest.right, forest.missing_left, forest.value, signals.matrix, state,
+        np.arange(3, dtype=np.int64), request, np.zeros(3), 0.0,
+        np.empty(FEATURE_COUNT), scores,
+    )  # fmt: skip
+    assert best == 0
+    # Node 1: 3 in flight on 2 slots, so 2 requests ahead: 100 * (1 + 2/2).
+    # Node 2: unknown slots count as 1, 2 ahead, plus the 1000 ms load.
+    assert scores.tolist() == pytest.approx([100.0, 200.0, 1300.0])
 
 
 def test_model_average_wins_over_node_average(twin):

@@ -26,6 +26,7 @@ from ..routing.layout import (
     NODE_COLUMNS,
     REQ_COLUMNS,
     REQ_MAX_TOKENS,
+    REQ_MODEL_LOAD_MS,
     REQ_PROMPT_TOKENS,
 )
 from .features import FEATURE_COUNT
@@ -83,6 +84,32 @@ def predict_raw(
         out[i] = _walk(
             roots, feature, threshold, left, right, missing_left, value, rows[i], baseline
         )
+
+
+def queue_offset(in_flight: float, slots: float) -> float:
+    """Return log(1 + waiting / slots): the latency model's known queueing term.
+
+    With ``in_flight`` requests on a node of ``slots`` slots, a new request
+    waits for ``in_flight + 1 - slots`` of them to finish, each taking about
+    one service time per slot. The trees learn the log service time, and this
+    term, added to their sum, scales it up with the queue. So predictions grow
+    with load beyond anything the history showed, where trees alone stay flat.
+    """
+    slots = slots if slots >= 1.0 else 1.0  # NaN (unknown) counts as one slot
+    in_flight = in_flight if in_flight > 0.0 else 0.0
+    waiting = in_flight + 1.0 - slots
+    return math.log1p(waiting / slots) if waiting > 0.0 else 0.0
+
+
+def swap_penalty_ms(model_load_ms: float) -> float:
+    """Return the cost added where the model is known not to be loaded.
+
+    Loading a model into a full node evicts another one, and the requests
+    for that one then pay a load too. No single history row shows that cost,
+    so the trees cannot learn it; the router's own load-time estimate stands
+    in for it.
+    """
+    return model_load_ms if model_load_ms > 0.0 else 0.0
 
 
 def fill_features(
@@ -150,7 +177,10 @@ def score_candidates(
         else:
             fill_features(signals, model_state, node, request, node_codes[node], model_code, row)
             raw = _walk(roots, feature, threshold, left, right, missing_left, value, row, baseline)
+            raw = raw + queue_offset(float(row[4]), float(row[6]))
             cost = math.exp(raw) if raw < 709.0 else INF
+            if row[7] == 0.0:
+                cost = cost + swap_penalty_ms(float(request[REQ_MODEL_LOAD_MS]))
         scores[position] = cost
         if cost < best_cost:
             best = node

@@ -11,8 +11,10 @@ Node ``i`` of the flat arrays is a leaf when ``feature[i] == -1``; its
 when its feature value is at most ``threshold[i]``, to ``right[i]`` when it
 is larger, and NaN follows ``missing_left[i]``. Child indices are absolute.
 The raw prediction is ``baseline`` plus one leaf value per tree, added in tree
-order, and the model's output is ``exp(raw)`` because it is trained on the
-logarithm of milliseconds.
+order. Models are trained on the logarithm of milliseconds, so ``exp(raw)``
+is in milliseconds. The latency model's trees learn the service time: the
+request path adds the queueing term ``_forest_py.queue_offset`` to ``raw``
+(training subtracted it) and a swap penalty where the model is not loaded.
 """
 
 import math

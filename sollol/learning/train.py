@@ -2,7 +2,9 @@
 
 The model is a HistGradientBoostingRegressor on the logarithm of milliseconds,
 so squared error on that scale weighs relative errors alike on fast and slow
-nodes. The oldest 80% of the rows (by start time) train it; the newest 20%
+nodes. For latency the known queueing term (``_forest_py.queue_offset``) is
+subtracted first, so the trees learn the service time and the request path
+scales it by the queue it sees. The oldest 80% of the rows (by start time) train it; the newest 20%
 measure its error (MAPE), per node and overall, as the next hours of traffic
 would. The artifact holds the model trained on the 80%.
 
@@ -25,8 +27,9 @@ import numpy as np
 
 from .. import __version__
 from ..errors import TrainingDataError
+from ._forest_py import queue_offset
 from .artifact import LatencyModel, save_artifact
-from .features import FeatureTable, read_feature_table
+from .features import FEATURE_NAMES, FeatureTable, read_feature_table
 from .forest import Forest, export_hist_gradient_boosting
 
 MIN_TRAINING_ROWS = 500
@@ -141,7 +144,8 @@ def _fit_target(
     train_rows = np.flatnonzero(usable[:split])[-params.max_train_rows :]
     holdout_rows = (split + np.flatnonzero(usable[split:]))[-params.max_holdout_rows :]
     features = table.features[train_rows]
-    log_target = np.log(target_ms[train_rows])
+    offset = _offsets(table.features, train_rows) if name == "latency_ms" else 0.0
+    log_target = np.log(target_ms[train_rows]) - offset
     regressor = HistGradientBoostingRegressor(
         max_iter=0,
         learning_rate=params.learning_rate,
@@ -159,18 +163,30 @@ def _fit_target(
             f"{name}: {regressor.n_iter_}/{params.max_trees} trees on {len(train_rows):,} rows, "
             f"{time.perf_counter() - fit_started:.1f} s"
         )
-    metrics = _holdout_metrics(table, regressor, target_ms, holdout_rows)
+    metrics = _holdout_metrics(table, regressor, target_ms, holdout_rows, name == "latency_ms")
     report(_metrics_line(name, metrics))
     return export_hist_gradient_boosting(regressor), metrics
 
 
+def _offsets(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Return the queueing term of each row, as _forest_py.queue_offset computes it."""
+    in_flight = features[rows, FEATURE_NAMES.index("node_in_flight")]
+    slots = features[rows, FEATURE_NAMES.index("node_slots")]
+    return np.array([queue_offset(x, s) for x, s in zip(in_flight, slots, strict=True)])
+
+
 def _holdout_metrics(
-    table: FeatureTable, regressor: Any, target_ms: np.ndarray, rows: np.ndarray
+    table: FeatureTable,
+    regressor: Any,
+    target_ms: np.ndarray,
+    rows: np.ndarray,
+    with_offset: bool,
 ) -> dict[str, Any]:
     """Return MAPE over the held-out rows, overall and per node (None where a node has none)."""
     if len(rows) == 0:
         return {"holdout_rows": 0, "mape": None, "per_node": {}}
-    predicted = np.exp(regressor.predict(table.features[rows]))
+    offset = _offsets(table.features, rows) if with_offset else 0.0
+    predicted = np.exp(regressor.predict(table.features[rows]) + offset)
     actual = target_ms[rows]
     errors = np.abs(predicted - actual) / actual
     nodes = table.features[rows, 0].astype(np.int64)
