@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .admin_api import AdminRoutes
+from .auth import AuthGate, DashboardSessions
 from .cluster import Cluster
 from .config import Settings
 from .dashboard import DashboardFeed
@@ -25,6 +28,7 @@ from .openai_api import OpenAIRoutes
 from .openapi import openapi_route
 from .proxy import Proxy
 from .routing.scheduler import Scheduler
+from .tenancy import Tenancy
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,15 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         connect_timeout_s=settings.connect_timeout_s,
         max_connections=settings.max_upstream_connections,
     )
-    history = HistoryWriter(create_history_engine(settings.database_url))
+    engine = create_history_engine(settings.database_url)
+    history = HistoryWriter(engine)
+    tenancy = Tenancy(
+        engine,
+        required=settings.auth == "required",
+        interval_s=settings.keys_refresh_interval_s,
+        costs=settings.costs,
+    )
+    sessions = DashboardSessions(tenancy.keys)
     learned = LearnedModelRoutes(cluster, settings)
     metrics = RouterMetrics()
     metrics.watch(cluster, scheduler, history)
@@ -77,6 +89,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         settings=settings,
         metrics=metrics,
         feed=feed,
+        tenancy=tenancy,
     )
     openai_routes = OpenAIRoutes(proxy, scheduler, max_body_bytes=settings.max_body_bytes)
     ollama_routes = OllamaRoutes(
@@ -89,6 +102,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await tenancy.keys.start()
         await client.start()
         history.start()
         await learned.start()
@@ -111,6 +125,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await health_task
             await learned.stop()
+            await tenancy.keys.stop()
             await client.close()
             await asyncio.to_thread(history.close)
 
@@ -135,8 +150,11 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             *ollama_routes.routes(),
             metrics.route(),
             *feed.routes(),
+            sessions.route(),
+            *AdminRoutes(tenancy).routes(),
             openapi_route(),
         ],
+        middleware=[Middleware(AuthGate, keys=tenancy.keys, sessions=sessions)],
         exception_handlers={
             SollolError: _sollol_error,
             HTTPException: _http_error,
@@ -151,6 +169,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     app.state.metrics = metrics
     app.state.learned = learned
     app.state.dashboard = feed
+    app.state.tenancy = tenancy
     return app
 
 

@@ -16,7 +16,9 @@ environment, then command-line flags. A minimal file::
 
 import dataclasses
 import enum
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from urllib.parse import urlsplit
 from .routing.layout import ROUTING_POLICIES
 
 if TYPE_CHECKING:
+    from .costs import CostTable
     from .shard.config import ShardGroupConfig
 
 DEFAULT_ROUTING_POLICY = "predicted_latency"
@@ -42,6 +45,77 @@ class NodeKind(enum.StrEnum):
     OPENAI = "openai"
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def validate_node_url(url: str) -> str:
+    """Check a node's base URL and return it without a trailing slash.
+
+    Accepted: ``http`` or ``https``, a host name of DNS labels, an IPv4
+    address or a bracketed IPv6 address, and an optional port from 1 to 65535.
+    Rejected: any other scheme, user or password parts (they would reach the
+    logs), a path, a query, a fragment and the unspecified address (0.0.0.0,
+    ``[::]``), which names no node. Raises ConfigError naming the URL.
+    """
+    if not isinstance(url, str) or not url.strip() or len(url) > 2048:
+        raise ConfigError(f"node URL {url!r} is invalid: expected http://HOST:PORT")
+    if any(ord(char) <= 32 or ord(char) == 127 for char in url):
+        raise ConfigError(f"node URL {url!r} contains spaces or control characters")
+    stripped = url.rstrip("/")
+    try:
+        parts = urlsplit(stripped)
+    except ValueError:  # urlsplit checks a bracketed host itself
+        raise ConfigError(f"node URL {url!r} has an invalid host") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"node URL {url!r} is invalid: the scheme must be http or https")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"node URL {_without_userinfo(url)!r} must not carry a user name or password"
+        )
+    if parts.path or parts.query or parts.fragment or "?" in stripped or "#" in stripped:
+        raise ConfigError(
+            f"node URL {url!r} must not carry a path, query or fragment; "
+            "give the server's base URL"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"node URL {url!r} has an invalid port") from None
+    if port == 0:
+        raise ConfigError(f"node URL {url!r} has an invalid port: 0")
+    _check_host(parts.hostname, parts.netloc, url)
+    return stripped
+
+
+def _check_host(host: str | None, netloc: str, url: str) -> None:
+    if not host:
+        raise ConfigError(f"node URL {url!r} is invalid: expected http://HOST:PORT")
+    if netloc.startswith("["):
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"node URL {url!r} has an invalid IPv6 address") from None
+    else:
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            labels = host.removesuffix(".").split(".")
+            if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+                raise ConfigError(f"node URL {url!r} has an invalid host name") from None
+            if labels[-1].isdigit():
+                # All-numeric last label: a malformed IPv4 address such as 10.0.0.256.
+                raise ConfigError(f"node URL {url!r} has an invalid IPv4 address") from None
+            return
+    if address.is_unspecified:
+        raise ConfigError(f"node URL {url!r} names the unspecified address, not a node")
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://***@{host}"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     url: str
@@ -55,17 +129,10 @@ class NodeConfig:
     cost_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        url = self.url.rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"node URL {self.url!r} is invalid: expected http://HOST:PORT")
-        if parts.path not in ("", "/"):
-            raise ConfigError(
-                f"node URL {self.url!r} must not carry a path; give the server's base URL"
-            )
+        url = validate_node_url(self.url)
         object.__setattr__(self, "url", url)
         if not self.name:
-            object.__setattr__(self, "name", parts.netloc)
+            object.__setattr__(self, "name", urlsplit(url).netloc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +185,28 @@ class Settings:
     node_queue_per_slot: float = 1.0
     # How often the dashboard's open pages get a new state (at most once per interval).
     dashboard_interval_s: float = 1.0
+    # Authentication: "auto" turns it on once any API key exists in the
+    # history database (revoked keys count), "required" turns it on always.
+    auth: str = "auto"
+    # How often a running router reads the api_keys table again, so new and
+    # revoked keys take effect within this many seconds.
+    keys_refresh_interval_s: float = 2.0
+    # TLS: PEM certificate chain and private key; both empty serves plain HTTP.
+    certfile: str = ""
+    keyfile: str = ""
+    # Prices of tokens per node or model ([costs] in the config file); None: no prices.
+    costs: "CostTable | None" = None
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
     # llama.cpp RPC shard groups; each also appears in ``nodes`` as one llamacpp node.
     shard_groups: tuple["ShardGroupConfig", ...] = field(default_factory=tuple)
 
 
 _SERVER_KEYS = {
-    f.name: f.type for f in dataclasses.fields(Settings) if f.name not in ("nodes", "shard_groups")
+    f.name: f.type
+    for f in dataclasses.fields(Settings)
+    if f.name not in ("nodes", "shard_groups", "costs")
 }
+AUTH_MODES = ("auto", "required")
 
 
 def parse_node_spec(spec: str) -> NodeConfig:
@@ -169,6 +250,10 @@ def load_settings(
             )
             # To the router a group is one llama.cpp node at its coordinator.
             nodes.extend(group.as_node() for group in shard_groups)
+        if "costs" in document:
+            from .costs import parse_costs
+
+            values["costs"] = parse_costs(document["costs"], source=str(path))
 
     for key in _SERVER_KEYS:
         env_name = f"SOLLOL_{key.upper()}"
@@ -190,6 +275,12 @@ def load_settings(
             f"unknown routing_policy {policy!r}; "
             f"expected one of {', '.join(sorted(ROUTING_POLICIES))}"
         )
+    if values.get("auth", "auto") not in AUTH_MODES:
+        raise ConfigError(
+            f"unknown auth mode {values['auth']!r}; expected one of {', '.join(AUTH_MODES)}"
+        )
+    if bool(values.get("certfile")) != bool(values.get("keyfile")):
+        raise ConfigError("TLS needs both certfile and keyfile; one of them is missing")
     if values.get("explore_share", 0.0) > 1.0:
         raise ConfigError(f"explore_share must be from 0 to 1, got {values['explore_share']}")
 

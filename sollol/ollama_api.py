@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from .auth import request_key
 from .cluster import Cluster, Node, model_key
 from .config import NodeKind
 from .dialects import Dialect
@@ -96,25 +97,32 @@ class OllamaRoutes:
         return _json({"version": OLLAMA_API_VERSION})
 
     async def tags(self, request: Request) -> Response:
+        api_key = request_key(request)
         entries: dict[str, dict[str, Any]] = {}
         for node in self._cluster.nodes:
             if not node.health.up:
                 continue
             for key in sorted(node.models):
-                entries.setdefault(key, _tag_entry(node, key))
+                if api_key is None or api_key.allows_model(key):
+                    entries.setdefault(key, _tag_entry(node, key))
         return _json({"models": [entries[key] for key in sorted(entries)]})
 
     async def ps(self, request: Request) -> Response:
+        api_key = request_key(request)
         models = []
         for node in self._cluster.nodes:
             if not node.health.up:
                 continue
             if node.kind is NodeKind.OLLAMA:
                 for entry in node.ps_entries:
-                    models.append({**entry, "sollol_node": node.name})
+                    name = entry.get("name") or entry.get("model") or ""
+                    if api_key is None or api_key.allows_model(model_key(str(name))):
+                        models.append({**entry, "sollol_node": node.name})
             else:
                 # A llama-server keeps its model loaded for as long as it runs.
                 for key in sorted(node.models):
+                    if api_key is not None and not api_key.allows_model(key):
+                        continue
                     entry = _tag_entry(node, key)
                     entry.pop("modified_at", None)
                     entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0)
@@ -126,7 +134,7 @@ class OllamaRoutes:
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("model is required")
-        key = self._require_known(name)
+        key = self._require_known(name, request)
         nodes = [node for node in self._cluster.nodes if key in node.models]
         for node in nodes:
             if node.kind is NodeKind.OLLAMA and node.health.up:
@@ -154,7 +162,7 @@ class OllamaRoutes:
         if messages is not None and not isinstance(messages, list):
             raise InvalidRequestError("messages must be an array")
         if not messages:
-            return self._load_reply(body, name, chat=True)
+            return self._load_reply(body, name, request, chat=True)
         features = {"messages": messages, **_max_tokens_of(body)}
         return await self._forward(request, "/api/chat", body, name, CHAT, features, "chat")
 
@@ -165,7 +173,7 @@ class OllamaRoutes:
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidRequestError("prompt must be a string")
         if not prompt:
-            return self._load_reply(body, name, chat=False)
+            return self._load_reply(body, name, request, chat=False)
         features = {"prompt": prompt, **_max_tokens_of(body)}
         return await self._forward(
             request, "/api/generate", body, name, GENERATE, features, "completion"
@@ -176,7 +184,7 @@ class OllamaRoutes:
         name = self._model_of(body)
         texts = embed_texts(body)
         if not texts:
-            self._require_known(name)
+            self._require_known(name, request)
             return _json({"model": name, "embeddings": []})
         features = {"input": texts}
         return await self._forward(request, "/api/embed", body, name, EMBED, features, "embedding")
@@ -188,7 +196,7 @@ class OllamaRoutes:
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidRequestError("prompt must be a string")
         if not prompt:
-            self._require_known(name)
+            self._require_known(name, request)
             return _json({"embedding": []})
         return await self._forward(
             request,
@@ -243,19 +251,25 @@ class OllamaRoutes:
             raise InvalidRequestError("model must be a string")
         return name
 
-    def _require_known(self, name: str) -> str:
+    def _require_known(self, name: str, request: Request) -> str:
+        """Return the model's key; a model outside the API key's allow-list is not found."""
         key = model_key(name)
-        if not self._cluster.knows_model(key):
+        api_key = request_key(request)
+        if not self._cluster.knows_model(key) or (
+            api_key is not None and not api_key.allows_model(key)
+        ):
             raise OllamaModelNotFoundError(f"model '{name}' not found")
         return key
 
-    def _load_reply(self, body: dict[str, Any], name: str, *, chat: bool) -> Response:
+    def _load_reply(
+        self, body: dict[str, Any], name: str, request: Request, *, chat: bool
+    ) -> Response:
         """Answer a request with no prompt, which Ollama treats as "load the model".
 
         The router replies itself, because llama-server nodes keep their model
         loaded anyway and Ollama nodes load a model on its first real request.
         """
-        self._require_known(name)
+        self._require_known(name, request)
         keep_alive = body.get("keep_alive")
         line: dict[str, Any] = {"model": name, "created_at": now_rfc3339()}
         if chat:
@@ -276,7 +290,7 @@ class OllamaRoutes:
         features: dict[str, Any],
         task: str,
     ) -> Response:
-        self._require_known(name)
+        self._require_known(name, request)
         stream = dialect in (CHAT, GENERATE) and body.get("stream", True) is not False
         return await self._openai.forward(
             request, route, task, body, name, stream, dialect=dialect, features_body=features

@@ -10,6 +10,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .auth import request_key
 from .cluster import model_key
 from .dialects import OPENAI, Dialect
 from .errors import (
@@ -314,8 +315,18 @@ class OpenAIRoutes:
         key = model_key(model)
         if not self._proxy.cluster.knows_model(key):
             raise ModelNotFoundError(model)
+        api_key = request_key(request)
+        tenancy = self._proxy.tenancy
+        if tenancy is not None:
+            tenancy.check_model(api_key, key, model)
         features = estimate_features(task, features_body or body, priority)
-        queue_ms = await self._wait_for_node(request, key, priority)
+        reserved_tokens = tenancy.admit(api_key, features) if tenancy is not None else 0
+        try:
+            queue_ms = await self._wait_for_node(request, key, priority)
+        except BaseException:
+            if tenancy is not None:
+                tenancy.release(api_key, reserved_tokens)
+            raise
         return await self._proxy.forward(
             ProxyRequest(
                 route=route,
@@ -327,6 +338,8 @@ class OpenAIRoutes:
                 queue_ms=queue_ms,
                 disconnected=functools.partial(_disconnected, request),
                 dialect=dialect,
+                key_id=None if api_key is None else api_key.id,
+                reserved_tokens=reserved_tokens,
             )
         )
 
@@ -399,14 +412,22 @@ class OpenAIRoutes:
         return Response(orjson.dumps(body), media_type="application/json")
 
     async def list_models(self, request: Request) -> Response:
-        data = [self._model_entry(model) for model in self._proxy.cluster.healthy_models()]
+        api_key = request_key(request)
+        data = [
+            self._model_entry(model)
+            for model in self._proxy.cluster.healthy_models()
+            if api_key is None or api_key.allows_model(model)
+        ]
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )
 
     async def get_model(self, request: Request) -> Response:
         model = request.path_params["model"]
-        if model_key(model) not in self._proxy.cluster.healthy_models():
+        api_key = request_key(request)
+        if model_key(model) not in self._proxy.cluster.healthy_models() or (
+            api_key is not None and not api_key.allows_model(model_key(model))
+        ):
             raise ModelNotFoundError(model)
         return Response(orjson.dumps(self._model_entry(model)), media_type="application/json")
 

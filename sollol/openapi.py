@@ -499,6 +499,103 @@ OPERATIONS.update(
     }
 )
 
+_OBJECT: JsonSchema = {"type": "object"}
+_KEY_ID: JsonSchema = {
+    "name": "key_id",
+    "in": "path",
+    "required": True,
+    "description": "The key's id, as `GET /sollol/keys` lists it.",
+    "schema": {"type": "integer"},
+}
+
+# Key management and usage; admin-only when authentication is on.
+_AUTH_ERRORS: JsonSchema = {
+    "401": _json(_ERROR, "Authentication is on and the request has no valid API key."),
+    "403": _json(_ERROR, "The API key is not an admin key."),
+}
+OPERATIONS.update(
+    {
+        ("/sollol/keys", "GET"): {
+            "summary": "Every API key, revoked ones included, without secrets",
+            "responses": {"200": _json(_OBJECT, "The keys."), **_AUTH_ERRORS},
+        },
+        ("/sollol/keys", "POST"): {
+            "summary": "Create an API key; the reply's `key` is the only copy of the secret",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string", "minLength": 1, "maxLength": 128},
+                                "admin": {"type": ["boolean", "null"]},
+                                "models": {
+                                    "type": ["array", "null"],
+                                    "items": {"type": "string", "minLength": 1},
+                                },
+                                "rpm": {"type": ["integer", "null"], "minimum": 1},
+                                "tpm": {"type": ["integer", "null"], "minimum": 1},
+                                "quota_tokens": {"type": ["integer", "null"], "minimum": 1},
+                                "quota_period": {"enum": ["day", "month", None]},
+                            },
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "201": _json(_OBJECT, "The new key with its secret."),
+                "400": _response_ref("BadRequest"),
+                **_AUTH_ERRORS,
+            },
+        },
+        ("/sollol/keys/{key_id}", "DELETE"): {
+            "summary": "Revoke an API key",
+            "parameters": [_KEY_ID],
+            "responses": {
+                "200": _json(_OBJECT, "The revoked key."),
+                "404": _json(_ERROR, "No key has this id."),
+                **_AUTH_ERRORS,
+            },
+        },
+        ("/sollol/usage", "GET"): {
+            "summary": "Tokens and cost per API key, model and node, from the history",
+            "parameters": [
+                _query(
+                    "since",
+                    {
+                        "anyOf": [
+                            {"type": "string", "pattern": "^[0-9]{1,6}[smhd]$"},
+                            {"type": "string", "format": "date"},
+                            {"type": "string", "format": "date-time"},
+                        ]
+                    },
+                    "A duration back (24h, 7d) or an ISO date.",
+                ),
+                _query(
+                    "key_id",
+                    {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+                    "Only this key's requests.",
+                ),
+            ],
+            "responses": {
+                "200": _json(_OBJECT, "Rows per key, model and node, and totals per key."),
+                "400": _response_ref("BadRequest"),
+                **_AUTH_ERRORS,
+            },
+        },
+        ("/dashboard/session", "POST"): {
+            "summary": "Trade an admin key for the dashboard's session cookie",
+            "responses": {
+                "200": _json(_OBJECT, "The cookie is set when auth is on."),
+                **_AUTH_ERRORS,
+            },
+        },
+    }
+)
+
 
 def route_operations(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, str]]:
     """Yield (OpenAPI path, method) for each method of each route.

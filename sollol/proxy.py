@@ -43,6 +43,7 @@ from .upstream import UpstreamClient, UpstreamConnectionError, UpstreamResponse
 
 if TYPE_CHECKING:
     from .dashboard import DashboardFeed
+    from .tenancy import Tenancy
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sollol.access")
@@ -65,6 +66,10 @@ class ProxyRequest:
     disconnected: Callable[[], Awaitable[None]] | None = None
     # The client's API: how to ask each node and how to put its reply back.
     dialect: Dialect = OPENAI
+    # The API key the request came with (None when auth is off), and the
+    # tokens reserved against its limits until the request ends.
+    key_id: int | None = None
+    reserved_tokens: int = 0
 
     @property
     def client_model(self) -> str:
@@ -112,6 +117,7 @@ class Proxy:
         settings: Settings,
         metrics: RouterMetrics | None = None,
         feed: "DashboardFeed | None" = None,
+        tenancy: "Tenancy | None" = None,
     ) -> None:
         self.cluster = cluster
         self.client = client
@@ -119,6 +125,7 @@ class Proxy:
         self.settings = settings
         self.metrics = metrics
         self.feed = feed
+        self.tenancy = tenancy
 
     async def forward(self, request: ProxyRequest) -> Response:
         record = RequestRecord(
@@ -128,6 +135,8 @@ class Proxy:
             stream=request.stream,
             queue_ms=request.queue_ms,
             priority=request.features.priority,
+            key_id=request.key_id,
+            reserved_tokens=request.reserved_tokens,
         )
         started = time.perf_counter()
         if request.stream:
@@ -346,6 +355,8 @@ class Proxy:
                 self.cluster.request_succeeded(node)
                 if request is not None:
                     self.cluster.engine.remember_prefix(request.features, node.index)
+        if self.tenancy is not None:
+            self.tenancy.settle(record)
         self.history.record(record)
         if self.metrics is not None:
             self.metrics.observe(record)
@@ -354,7 +365,7 @@ class Proxy:
         # One logfmt line per request: fields only, never prompt or reply text.
         access_log.info(
             "route=%s model=%s node=%s policy=%s status=%d outcome=%s attempts=%d "
-            "latency_ms=%.1f ttft_ms=%s prompt_tokens=%s completion_tokens=%s",
+            "latency_ms=%.1f ttft_ms=%s prompt_tokens=%s completion_tokens=%s key=%s",
             record.route,
             _logfmt(record.model),
             record.node or "-",
@@ -366,6 +377,7 @@ class Proxy:
             "-" if record.ttft_ms is None else f"{record.ttft_ms:.1f}",
             record.prompt_tokens,
             record.completion_tokens,
+            "-" if record.key_id is None else record.key_id,
         )
 
 

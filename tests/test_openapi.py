@@ -34,6 +34,8 @@ WITHOUT_INVALID_INPUT = {
     ("/api/tags", "GET"),
     ("/api/ps", "GET"),
     ("/metrics", "GET"),
+    ("/dashboard/session", "POST"),
+    ("/sollol/keys", "GET"),
     ("/dashboard", "GET"),
     ("/dashboard/state", "GET"),
     ("/sollol/policy/reload", "POST"),

@@ -1,0 +1,135 @@
+"""Keys, limits and usage of one router: which key sent a request, may it, what it cost.
+
+``KeyCache`` holds the active keys in memory and reads the ``api_keys`` table
+again every ``keys_refresh_interval_s``, so a key created or revoked with
+``sollol keys`` (or the admin API of another router on the same database)
+takes effect within that interval. The admin API of this router refreshes
+at once.
+
+Authentication is on when ``auth = "required"``, or with ``auth = "auto"``
+(the default) as soon as the table holds any key, revoked keys included: revoking
+the last key must not open the router.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.engine import Engine
+
+from .costs import CostTable
+from .errors import ModelNotFoundError
+from .history import RequestRecord
+from .keys import ApiKey, KeyStore, hash_secret
+from .quotas import KeyLimits
+from .routing.features import RequestFeatures
+from .usage import tokens_since
+
+log = logging.getLogger(__name__)
+
+
+class KeyCache:
+    def __init__(self, store: KeyStore, *, required: bool, interval_s: float) -> None:
+        self.store = store
+        self.required = required
+        self.interval_s = interval_s
+        self._by_hash: dict[str, ApiKey] = {}
+        self._by_id: dict[int, ApiKey] = {}
+        self._any_keys = False
+        self._task: asyncio.Task[None] | None = None
+        # Called in the refresh thread with the keys just loaded.
+        self.on_refresh: Callable[[list[ApiKey]], None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.required or self._any_keys
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        return self._by_hash.get(hash_secret(secret))
+
+    def by_id(self, key_id: int) -> ApiKey | None:
+        return self._by_id.get(key_id)
+
+    def refresh(self) -> None:
+        """Read the table again; runs in a worker thread, never on the event loop."""
+        active, total = self.store.load()
+        if self.on_refresh is not None:
+            self.on_refresh(list(active.values()))
+        # Replaced whole, so the event loop never sees a half-updated mapping.
+        self._by_hash = active
+        self._by_id = {key.id: key for key in active.values()}
+        if total and not self._any_keys:
+            log.info("API keys found: authentication is on")
+        self._any_keys = total > 0
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.refresh)
+        if self.interval_s > 0:
+            self._task = asyncio.create_task(self._watch(), name="sollol-keys")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                # The keys loaded last stay in force until the database answers again.
+                log.exception("reading the api_keys table failed; keeping the keys loaded before")
+
+
+class Tenancy:
+    """Per-request checks and accounting for the API key a request came with."""
+
+    def __init__(
+        self, engine: Engine, *, required: bool, interval_s: float, costs: CostTable | None
+    ) -> None:
+        self.engine = engine
+        self.keys = KeyCache(KeyStore(engine), required=required, interval_s=interval_s)
+        self.keys.on_refresh = self._load_quota_bases
+        self.limits = KeyLimits()
+        self.costs = costs
+
+    def check_model(self, key: ApiKey | None, model_key: str, shown_name: str) -> None:
+        """Reject a model outside the key's allow-list as unknown (404), as listings hide it."""
+        if key is not None and not key.allows_model(model_key):
+            raise ModelNotFoundError(shown_name)
+
+    def admit(self, key: ApiKey | None, features: RequestFeatures) -> int:
+        """Apply the key's limits to a request; return the tokens reserved for it."""
+        if key is None:
+            return 0
+        estimate = int(features.prompt_tokens + features.max_tokens)
+        return self.limits.admit(key, estimate)
+
+    def release(self, key: ApiKey | None, reserved_tokens: int) -> None:
+        """Give back a reservation of a request that ended before reaching a node."""
+        if key is not None:
+            self.limits.settle(key, key.id, reserved_tokens, 0)
+
+    def settle(self, record: RequestRecord) -> None:
+        """Charge a finished request's tokens to its key and price them; runs once per record."""
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        if self.costs is not None and tokens:
+            record.cost = self.costs.cost(
+                record.model, record.node, record.prompt_tokens, record.completion_tokens
+            )
+        if record.key_id is None:
+            return
+        self.limits.settle(
+            self.keys.by_id(record.key_id), record.key_id, record.reserved_tokens, tokens
+        )
+        record.reserved_tokens = 0
+
+    def _load_quota_bases(self, keys: list[ApiKey]) -> None:
+        for key in keys:
+            period_start = self.limits.needs_quota_base(key)
+            if period_start is not None:
+                used = tokens_since(self.engine, key.id, period_start)
+                self.limits.set_quota_base(key.id, period_start, used)
