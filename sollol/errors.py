@@ -156,7 +156,7 @@ class LearningError(Exception):
 
 
 class TrainingDataError(LearningError):
-    """The history cannot be read, or holds too few usable rows to train on."""
+    """The history cannot be read, or contains too few usable rows to train on."""
 
 
 class ModelArtifactError(LearningError):

@@ -1,9 +1,9 @@
 """HTTP surface and lifecycle of the learned model: initial load, file watch, reload call.
 
 ``POST /sollol/policy/reload`` loads the artifact now. It returns 200 with
-``{"loaded": true, ...}`` when the new model is in use, and 409 with
-``{"loaded": false, "message": ...}`` when the file is missing or
-incompatible; the previous model then stays in use.
+``{"loaded": true, ...}`` when the new model is in use. When the file is
+missing or incompatible it returns 409 with ``{"loaded": false, "message":
+...}``, and the previous model stays in use.
 """
 
 import asyncio

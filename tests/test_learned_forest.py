@@ -172,8 +172,8 @@ def test_candidates_scored_from_signals_as_history_records_them(twin):
             "node_decode_tps_avg": snapshot.decode_tps,
         }
         rows.append([math.nan if values[n] is None else float(values[n]) for n in FEATURE_NAMES])
-    # The trees give the log service time; the queue of requests ahead scales
-    # it, and a model known not to be loaded adds the load estimate.
+    # The trees give the log service time, which the queue of requests ahead
+    # scales. A model known not to be loaded adds the load estimate.
     expected = []
     for node, raw in enumerate(model.predict(np.array(rows))):
         snapshot = signals.snapshot(node, "tiny")

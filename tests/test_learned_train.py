@@ -72,6 +72,7 @@ def test_mape_reported_per_node(history_url, tmp_path):
     model = train_from_history(history_url, tmp_path / "model.json", params=FAST)
     metrics = model.info["metrics"]["latency_ms"]
     assert metrics["holdout_rows"] == 600
+    assert metrics["train_rows"] == 2400
     assert set(metrics["per_node"]) == set(SYNTHETIC_NODES)
     assert sum(node["holdout_rows"] for node in metrics["per_node"].values()) == 600
     # The synthetic law has 10% noise and a reply length only bounded by

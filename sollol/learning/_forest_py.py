@@ -1,8 +1,8 @@
 """Pure-Python evaluation of an exported forest, the reference for csrc/_forest_c.pyx.
 
-Both twins walk the same arrays (see forest.py for their meaning), add leaf
-values in tree order, and build each candidate's feature row in the order of
-features.FEATURE_NAMES from the routing signals, so they return the same
+Both twins walk the same arrays (forest.py describes them) and add leaf values
+in tree order. Both build each candidate's feature row from the routing
+signals, in the order of features.FEATURE_NAMES. So they return the same
 predictions bit for bit. Tests compare them with each other and with
 scikit-learn's ``predict``.
 """
@@ -106,8 +106,8 @@ def swap_penalty_ms(model_load_ms: float) -> float:
 
     Loading a model into a full node evicts another one, and the requests
     for that one then pay a load too. No single history row shows that cost,
-    so the trees cannot learn it; the router's own load-time estimate stands
-    in for it.
+    so the trees cannot learn it. The router's own load-time estimate is
+    used in its place.
     """
     return model_load_ms if model_load_ms > 0.0 else 0.0
 

@@ -1,9 +1,9 @@
 """`sollol evaluate`: every policy on the same simulated request trace, with a report.
 
-Steps: a warm-up trace runs under sollol_heuristic and its history rows go
-through HistoryWriter into SQLite; `sollol train`'s own code path trains the
-learned model on that file; then each policy, the oracle included, runs the
-measured trace from a fresh cluster state. The report is a Markdown table
+First a warm-up trace runs under sollol_heuristic, and its history rows go
+through HistoryWriter into SQLite. Then `sollol train`'s own code path trains
+the learned model on that file. Last, each policy, the oracle included, runs
+the measured trace from a fresh cluster state. The report is a Markdown table
 (report.md) and a plot (latency.png) in the output folder.
 """
 
@@ -57,7 +57,7 @@ def evaluate(
         report(f"running {policy} on {len(trace):,} requests")
         learned = LearnedScorer(model, node_names) if policy == "learned" else None
         simulation = Simulation(scenario, trace, policy, learned=learned, seed=scenario.seed)
-        results.append(simulation.run(progress=_every_thousand(report, policy, len(trace))))
+        results.append(simulation.run(progress=_progress_every(report, policy, len(trace))))
 
     evaluation = Evaluation(
         scenario=scenario,
@@ -87,7 +87,7 @@ def _warm_up_and_train(
     report(f"warm-up: sollol_heuristic on {len(warmup):,} requests, history in {database}")
     try:
         Simulation(scenario, warmup, "sollol_heuristic", record=writer.record).run(
-            progress=_every_thousand(report, "warm-up", len(warmup))
+            progress=_progress_every(report, "warm-up", len(warmup))
         )
     finally:
         writer.close()
@@ -97,7 +97,7 @@ def _warm_up_and_train(
     return model_path
 
 
-def _every_thousand(report: Progress, label: str, total: int) -> Callable[[int], None]:
+def _progress_every(report: Progress, label: str, total: int) -> Callable[[int], None]:
     def step(done: int) -> None:
         if done % 2000 == 0 or done == total:
             report(f"  {label}: {done:,}/{total:,} requests")

@@ -1,8 +1,8 @@
 """A trained boosted-tree model as plain arrays that the request path evaluates.
 
-scikit-learn's ``predict`` costs tens of microseconds or more per call, even
-for one row (see benchmarks/learned_predict.py), so the trained
-HistGradientBoostingRegressor is exported into flat node arrays. The compiled
+scikit-learn's ``predict`` took about 3 ms per call for 6 rows on a 2-core
+machine (benchmarks/learned_predict.py), too slow for every request. So the
+trained HistGradientBoostingRegressor is exported into flat node arrays. The compiled
 routine in csrc/_forest_c.pyx and its pure-Python twin in _forest_py.py walk
 these arrays directly.
 

@@ -2,9 +2,9 @@
 
 Every policy but the oracle decides through the production routing code: the
 same NodeSignals, RoutingEngine.decide, scoring core and learned scorer the
-server uses, fed the signals the server would see (in-flight counts at
-dispatch and release, moving averages from finished requests, queue depth and
-loaded models from periodic probes). Only the nodes are simulated: slots, a
+server uses. They get the signals the server would get: in-flight counts at
+dispatch and release, moving averages from finished requests, and queue depth
+and loaded models from periodic probes. Only the nodes are simulated: slots, a
 FIFO queue per node, model loading with LRU eviction when memory is full,
 batched decode that slows as streams are added, and failed attempts that
 the router retries on another node.

@@ -2,8 +2,8 @@
 
 Rows follow a simple known law: each node has its own prefill and decode
 speed, and latency grows with the requests already in flight. That is
-enough to check that training finds per-node differences; it is not a model
-of any real cluster (the evaluation's simulator is closer to one).
+enough to check that training finds per-node differences. It is not a model
+of any real cluster, and the evaluation's simulator is closer to one.
 """
 
 import numpy as np

@@ -4,9 +4,11 @@ The model is a HistGradientBoostingRegressor on the logarithm of milliseconds,
 so squared error on that scale weighs relative errors alike on fast and slow
 nodes. For latency the known queueing term (``_forest_py.queue_offset``) is
 subtracted first, so the trees learn the service time and the request path
-scales it by the queue it sees. The oldest 80% of the rows (by start time) train it; the newest 20%
+scales it by the queue at decision time.
+
+The oldest 80% of the rows (by start time) train the model. The newest 20%
 measure its error (MAPE), per node and overall, as the next hours of traffic
-would. The artifact holds the model trained on the 80%.
+would. The artifact contains the model trained on the 80%.
 
 Of a long history only the newest ``max_train_rows`` of the training part are
 fitted and the newest ``max_holdout_rows`` measured: a model of ten features
@@ -164,6 +166,7 @@ def _fit_target(
             f"{time.perf_counter() - fit_started:.1f} s"
         )
     metrics = _holdout_metrics(table, regressor, target_ms, holdout_rows, name == "latency_ms")
+    metrics["train_rows"] = len(train_rows)
     report(_metrics_line(name, metrics))
     return export_hist_gradient_boosting(regressor), metrics
 
