@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
@@ -103,6 +104,12 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await tenancy.keys.start()
+        if not tenancy.keys.enabled and not _is_loopback(settings.host):
+            log.warning(
+                "listening on %s with authentication off: anyone who can reach this address "
+                "can use every route; create a key with `sollol keys create NAME --admin`",
+                settings.host,
+            )
         await client.start()
         history.start()
         await learned.start()
@@ -189,6 +196,13 @@ async def _sollol_error(request: Request, exc: Exception) -> Response:
     return Response(
         body, status_code=exc.status_code, headers=exc.headers, media_type="application/json"
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _route_label(request: Request) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .learning.commands import add_learning_parsers
+from .tenancy_commands import add_tenancy_parsers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--database-url", help="SQLAlchemy URL of the request history")
     serve.add_argument("--max-body-bytes", type=int, help="largest request body accepted, in bytes")
+    serve.add_argument("--certfile", help="PEM certificate chain; with --keyfile serves HTTPS")
+    serve.add_argument("--keyfile", help="PEM private key of --certfile")
     serve.set_defaults(handler=_serve_command)
 
     demo = commands.add_parser(
@@ -76,6 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     make_model.set_defaults(handler=_make_model_command)
     add_learning_parsers(commands)
     _add_shard_parser(commands)
+    add_tenancy_parsers(commands)
     return parser
 
 
@@ -119,6 +123,8 @@ def _serve_command(args: argparse.Namespace) -> int:
             "port": args.port,
             "database_url": args.database_url,
             "max_body_bytes": args.max_body_bytes,
+            "certfile": args.certfile,
+            "keyfile": args.keyfile,
         },
         extra_nodes=args.node,
     )
@@ -150,12 +156,19 @@ async def serve_router(settings: Settings) -> None:
     install_signal_handlers(shutdown)
     # Dashboard streams never end by themselves; they must not hold up the shutdown.
     app.state.dashboard.close_on(shutdown)
-    url = base_url_of(sock)
+    url = base_url_of(sock, tls=bool(settings.certfile))
     print(
         f"sollol: listening on {url} (OpenAI base_url {url}/v1, dashboard {url}/dashboard)",
         flush=True,
     )
-    await serve_app(app, sock, shutdown_event=shutdown, max_header_bytes=settings.max_header_bytes)
+    await serve_app(
+        app,
+        sock,
+        shutdown_event=shutdown,
+        max_header_bytes=settings.max_header_bytes,
+        certfile=settings.certfile,
+        keyfile=settings.keyfile,
+    )
 
 
 def _demo_command(args: argparse.Namespace) -> int:

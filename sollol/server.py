@@ -36,9 +36,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url_of(sock: socket.socket) -> str:
+def base_url_of(sock: socket.socket, *, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def serve_app(
@@ -48,12 +49,19 @@ async def serve_app(
     shutdown_event: asyncio.Event,
     graceful_timeout_s: float = 10.0,
     max_header_bytes: int = 16 * 1024,
+    certfile: str = "",
+    keyfile: str = "",
 ) -> None:
     """Serve ``app`` on ``sock`` until ``shutdown_event`` is set.
 
     Hypercorn takes ownership of the socket and closes it when it stops.
+    With ``certfile`` and ``keyfile`` (PEM) it serves HTTPS, with HTTP/2
+    offered through ALPN.
     """
     config = Config()
+    if certfile:
+        config.certfile = certfile
+        config.keyfile = keyfile
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
     # h11 rejects a request head with 431 when it is still incomplete after a
