@@ -10,11 +10,11 @@ dropped. Rows/s is the row count over the time from the first record to the
 last row written. Meanwhile a task sleeps 1 ms at a time, and the longest
 delay past each wake-up is the loop's stall.
 
-Two switches try the interpreter settings that bound the stall, and are not
-what ``sollol serve`` does: ``--gc-freeze`` moves every object alive after
-start-up out of the garbage collector's reach (``gc.freeze``), and
-``--switch-interval-ms`` sets how long a thread may hold the GIL while
-another waits (``sys.setswitchinterval``, 5 ms by default).
+Two switches try interpreter settings that bound the stall; ``sollol serve``
+applies neither. ``--gc-freeze`` moves every object alive after start-up out
+of the garbage collector's reach (``gc.freeze``). ``--switch-interval-ms``
+sets how long a thread may hold the GIL while another waits
+(``sys.setswitchinterval``, 5 ms by default).
 
 Without ``--postgresql-url``, PostgreSQL runs as a throwaway cluster with
 its default durability settings (fsync on, synchronous_commit on), started

@@ -202,6 +202,6 @@ class _LiveState(Collector):
         )
         yield CounterMetricFamily(
             "sollol_history_dropped_rows",
-            "History rows dropped because the buffer was full.",
+            "History rows dropped: the buffer was full or the database rejected them.",
             value=float(self.history.dropped_rows),
         )
