@@ -135,6 +135,8 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             await tenancy.keys.stop()
             await client.close()
             await asyncio.to_thread(history.close)
+            # Close the pooled database connections rather than leave them to exit.
+            await asyncio.to_thread(engine.dispose)
 
     async def health(request: Request) -> Response:
         nodes = [cluster.describe(node) for node in cluster.nodes]
