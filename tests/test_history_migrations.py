@@ -176,7 +176,7 @@ def test_foreign_requests_table_rejected(history_url):
         create_history_engine(history_url)
 
 
-def test_unreachable_database_raises(postgres_server):
+def test_unreachable_database_raises():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         # Nothing listens on this port while the socket is bound but not listening.
