@@ -320,7 +320,7 @@ class OpenAIRoutes:
         if tenancy is not None:
             tenancy.check_model(api_key, key, model)
         features = estimate_features(task, features_body or body, priority)
-        reserved_tokens = tenancy.admit(api_key, features) if tenancy is not None else 0
+        reserved_tokens = tenancy.admit(api_key, key, features) if tenancy is not None else 0
         try:
             queue_ms = await self._wait_for_node(request, key, priority)
         except BaseException:
