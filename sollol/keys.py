@@ -4,10 +4,10 @@ A key is ``sollol-`` followed by 43 URL-safe characters from ``secrets``
 (256 random bits). The database stores its SHA-256 and a short visible
 prefix, never the key itself, and ``create`` returns the key only once.
 
-A plain SHA-256 is enough here: a slow password hash (bcrypt, Argon2) makes
+A plain SHA-256 is enough here. A slow password hash (bcrypt, Argon2) makes
 guessing a low-entropy password costly, but a 256-bit random secret cannot be
-guessed whatever the hash speed, and a fast hash keeps the per-request lookup
-a dictionary access.
+guessed whatever the hash speed. A fast hash also keeps the per-request
+lookup a dictionary access.
 """
 
 import hashlib

@@ -9,9 +9,9 @@ a burst of concurrent requests from all passing a check that none of them has
 been charged against yet.
 
 A request whose estimate alone exceeds a token limit still runs when the key
-has used nothing in the window and has nothing in flight, so that a large
-``max_tokens`` cannot lock a key out for good; its real tokens are then
-charged in full.
+has used nothing in the window and has nothing in flight. Otherwise a large
+``max_tokens`` would lock a key out for good. Its real tokens then fill the
+minute's window up to the limit, and count in full against the quota.
 
 The windows come from the ``limits`` package, in memory: a moving window for
 requests per minute (exact), a sliding window counter for tokens per minute

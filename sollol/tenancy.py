@@ -1,6 +1,6 @@
 """Keys, limits and usage of one router: which key sent a request, may it, what it cost.
 
-``KeyCache`` holds the active keys in memory and reads the ``api_keys`` table
+``KeyCache`` keeps the active keys in memory and reads the ``api_keys`` table
 again every ``keys_refresh_interval_s``, so a key created or revoked with
 ``sollol keys`` (or the admin API of another router on the same database)
 takes effect within that interval. The admin API of this router refreshes
@@ -60,7 +60,7 @@ class KeyCache:
         active, total = self.store.load()
         if self.on_refresh is not None:
             self.on_refresh(list(active.values()))
-        # Replaced whole, so the event loop never sees a half-updated mapping.
+        # Replaced whole, so the event loop never reads a half-updated mapping.
         self._by_hash = active
         self._by_id = {key.id: key for key in active.values()}
         if total and not self._any_keys:
@@ -84,7 +84,7 @@ class KeyCache:
             try:
                 await asyncio.to_thread(self.refresh)
             except Exception:
-                # The keys loaded last stay in force until the database answers again.
+                # The keys loaded last stay in force until the database is reachable again.
                 log.exception("reading the api_keys table failed; keeping the keys loaded before")
 
 
@@ -128,7 +128,7 @@ class Tenancy:
             self.limits.settle(key, key.id, reserved_tokens, 0)
 
     def settle(self, record: RequestRecord) -> None:
-        """Charge a finished request's tokens to its key and price them; runs once per record."""
+        """Charge a finished request's tokens to its key and price them; Proxy.finish calls it."""
         tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
         self._learn_prompt_scale(record)
         if self.costs is not None and tokens:

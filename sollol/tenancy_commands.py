@@ -1,6 +1,6 @@
 """The ``sollol keys`` and ``sollol usage`` commands, run on the history database directly.
 
-A running router on the same database sees a new or revoked key within its
+A running router on the same database applies a new or revoked key within its
 ``keys_refresh_interval_s`` (2 s by default).
 """
 
