@@ -158,6 +158,8 @@ class RequestRecord:
     # Not stored: tokens reserved against the key's limits while the request
     # runs, released when it ends (see sollol.quotas).
     reserved_tokens: int = 0
+    # Not stored: the second-best candidate, for the dashboard's feed.
+    runner_up: str | None = None
     # Reported by the node (llama-server's `timings`); feed the routing
     # signals and are not stored.
     node_ttft_ms: float | None = None
