@@ -2,8 +2,8 @@
 
 ``POST /sollol/policy/reload`` loads the artifact now. It returns 200 with
 ``{"loaded": true, ...}`` when the new model is in use. When the file is
-missing or incompatible it returns 409 with ``{"loaded": false, "message":
-...}``, and the previous model stays in use.
+missing or incompatible it returns 409 in the OpenAI error shape, with code
+``model_not_loaded``, and the previous model stays in use.
 """
 
 import asyncio
@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from .cluster import Cluster
 from .config import Settings
+from .errors import SollolError
 from .learning.policy import ModelReloader
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,14 @@ class LearnedModelRoutes:
 
     async def reload(self, request: Request) -> Response:
         if self.reloader is None:
-            body = {"loaded": False, "path": None, "message": "learned_model_path is not set"}
-            return _json(body, 409)
+            raise _not_loaded("learned_model_path is not set")
         result = await asyncio.to_thread(self.reloader.reload)
-        body = {"loaded": result.loaded, "path": result.path, "message": result.message}
-        return _json(body, 200 if result.loaded else 409)
+        if not result.loaded:
+            raise _not_loaded(result.message)
+        body = {"loaded": True, "path": result.path, "message": result.message}
+        return Response(orjson.dumps(body), media_type="application/json")
 
 
-def _json(body: dict[str, object], status_code: int) -> Response:
-    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+def _not_loaded(message: str) -> SollolError:
+    return SollolError(message, code="model_not_loaded", status_code=409)
+

@@ -338,7 +338,7 @@ OPERATIONS: dict[tuple[str, str], JsonSchema] = {
         "summary": "Load the learned model's artifact now; the previous model stays on failure",
         "responses": {
             "200": _json(_ref("PolicyReload"), "The new model is in use."),
-            "409": _json(_ref("PolicyReload"), "Missing or incompatible; nothing changed."),
+            "409": _json(_ERROR, "Missing or incompatible; nothing changed."),
         },
     },
     ("/sollol/route", "GET"): {

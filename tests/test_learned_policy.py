@@ -213,8 +213,8 @@ async def test_reload_while_requests_flow(tmp_path, fake_nodes, caplog):
             with caplog.at_level(logging.ERROR, logger="sollol.learning.policy"):
                 refused = await client.post("/sollol/policy/reload")
             assert refused.status_code == 409
-            assert refused.json()["loaded"] is False
-            assert "feature schema" in refused.json()["message"]
+            assert refused.json()["error"]["code"] == "model_not_loaded"
+            assert "feature schema" in refused.json()["error"]["message"]
             assert app.state.cluster.engine.learned is current
             assert any("learned model rejected" in r.getMessage() for r in caplog.records)
             again = await send_many(client, 10, 2)
@@ -237,7 +237,7 @@ async def test_reload_without_file_is_409(tmp_path, fake_nodes):
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             response = await client.post("/sollol/policy/reload")
     assert response.status_code == 409
-    assert "cannot read" in response.json()["message"]
+    assert "cannot read" in response.json()["error"]["message"]
 
 
 async def test_explored_requests_recorded_as_such(tmp_path, fake_nodes):
