@@ -142,7 +142,13 @@ def _serve_command(args: argparse.Namespace) -> int:
 async def serve_router(settings: Settings) -> None:
     """Bind, print the address, and serve until SIGINT or SIGTERM."""
     from .app import create_app
-    from .server import base_url_of, bind_socket, install_signal_handlers, serve_app
+    from .server import (
+        base_url_of,
+        bind_socket,
+        install_signal_handlers,
+        serve_app,
+        tune_interpreter,
+    )
 
     try:
         sock = bind_socket(settings.host, settings.port)
@@ -152,6 +158,7 @@ async def serve_router(settings: Settings) -> None:
             "choose another address or port (--host, --port)"
         ) from exc
     app = create_app(settings)
+    tune_interpreter()
     shutdown = asyncio.Event()
     install_signal_handlers(shutdown)
     # Dashboard streams never end by themselves; they must not hold up the shutdown.

@@ -5,9 +5,11 @@ real address before the first request, which the demo and the tests rely on.
 """
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,6 +22,19 @@ from .errors import openai_error_body
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sollol.access")
+
+
+def tune_interpreter() -> None:
+    """Shorten the pauses the history writer thread can cause on the event loop.
+
+    ``gc.freeze`` takes every object alive after start-up (modules, the app)
+    out of the collector's reach, so full collections scan only what requests
+    create. A 1 ms switch interval (5 ms by default) bounds how long the loop
+    waits for the GIL while the writer thread runs. Measured with
+    benchmarks/history_store.py; figures in docs/benchmarks.md.
+    """
+    gc.freeze()
+    sys.setswitchinterval(0.001)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
