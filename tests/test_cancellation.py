@@ -46,6 +46,11 @@ def router(long_node, tmp_path):
         tmp_path / "sollol.toml",
         database_path=tmp_path / "history.db",
         nodes=[{"name": "long", "url": long_node.url, "models": ["tiny"]}],
+        # A probe's /slots request that is already on its way when a
+        # non-streamed request starts can make llama-server miss the closed
+        # connection (see probes.llama_load). After the probe at start-up,
+        # none runs during these tests, so that race cannot decide them.
+        server={"health_interval_s": 60.0},
     )
     process = RouterProcess(config, tmp_path / "router.log").start()
     process.database_path = tmp_path / "history.db"  # type: ignore[attr-defined]
