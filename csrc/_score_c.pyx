@@ -87,12 +87,41 @@ cdef inline double at_most(double value, double ceiling) noexcept nogil:
     return ceiling if value > ceiling else value
 
 
+cdef void peer_defaults(
+    const double[:, ::1] signals,
+    const double[:, ::1] model_state,
+    const int64_t[::1] candidates,
+    double* unknown_ttft_ms,
+    double* unknown_decode_tps,
+) noexcept nogil:
+    # See _peer_defaults in the pure twin: means over the measured candidates.
+    cdef double ttft_sum = 0.0, tps_sum = 0.0, value
+    cdef Py_ssize_t ttft_count = 0, tps_count = 0, k
+    cdef int64_t node
+    for k in range(candidates.shape[0]):
+        node = candidates[k]
+        if node < 0 or node >= signals.shape[0]:
+            continue
+        value = known(model_state[node, MODEL_TTFT_MS], signals[node, COL_TTFT_MS])
+        if value == value:
+            ttft_sum += value
+            ttft_count += 1
+        value = known(model_state[node, MODEL_DECODE_TPS], signals[node, COL_DECODE_TPS])
+        if value == value:
+            tps_sum += value
+            tps_count += 1
+    unknown_ttft_ms[0] = ttft_sum / ttft_count if ttft_count else UNKNOWN_TTFT_MS
+    unknown_decode_tps[0] = tps_sum / tps_count if tps_count else UNKNOWN_DECODE_TPS
+
+
 cdef double node_cost(
     const double[:, ::1] signals,
     const double[:, ::1] model_state,
     Py_ssize_t node,
     const double[::1] request,
     int policy,
+    double unknown_ttft_ms,
+    double unknown_decode_tps,
 ) noexcept nogil:
     cdef double in_flight, queued, slots, load, ttft_ms, decode_tps, error_rate
     cdef double cost_weight, affinity_node, prompt_tokens, max_tokens, priority
@@ -111,9 +140,9 @@ cdef double node_cost(
         return INFINITY
     slots = at_least(known(signals[node, COL_SLOTS_TOTAL], 1.0), 1.0)
     load = (in_flight + queued) / slots
-    node_ttft_ms = known(signals[node, COL_TTFT_MS], UNKNOWN_TTFT_MS)
+    node_ttft_ms = known(signals[node, COL_TTFT_MS], unknown_ttft_ms)
     ttft_ms = at_least(known(model_state[node, MODEL_TTFT_MS], node_ttft_ms), 0.0)
-    node_decode_tps = known(signals[node, COL_DECODE_TPS], UNKNOWN_DECODE_TPS)
+    node_decode_tps = known(signals[node, COL_DECODE_TPS], unknown_decode_tps)
     decode_tps = at_least(known(model_state[node, MODEL_DECODE_TPS], node_decode_tps), 1e-3)
     error_rate = at_most(at_least(known(signals[node, COL_ERROR_RATE], 0.0), 0.0), 1.0)
     is_gpu = known(signals[node, COL_IS_GPU], 0.0) > 0.0
@@ -174,6 +203,7 @@ def score_nodes(
     cdef int64_t best = -1
     cdef double cost
     cdef double best_cost = INFINITY
+    cdef double unknown_ttft_ms, unknown_decode_tps
 
     if signals.shape[1] != NODE_COLUMNS:
         raise ValueError(f"signals must have {NODE_COLUMNS} columns, got {signals.shape[1]}")
@@ -190,6 +220,7 @@ def score_nodes(
         offset += n
 
     with nogil:
+        peer_defaults(signals, model_state, candidates, &unknown_ttft_ms, &unknown_decode_tps)
         for k in range(n):
             position = offset + k
             if position >= n:
@@ -201,7 +232,10 @@ def score_nodes(
             if policy == POLICY_ROUND_ROBIN:
                 cost = <double>k if known(signals[node, COL_HEALTHY], 0.0) > 0.0 else INFINITY
             else:
-                cost = node_cost(signals, model_state, node, request, policy)
+                cost = node_cost(
+                    signals, model_state, node, request, policy,
+                    unknown_ttft_ms, unknown_decode_tps,
+                )
             if cost != cost:
                 cost = INFINITY
             scores[position] = cost

@@ -206,6 +206,23 @@ def test_unmeasured_node_is_not_shunned(score_nodes):
     assert cluster.choose(score_nodes, "predicted_latency") == 0
 
 
+@pytest.mark.parametrize("policy", SMART)
+def test_unmeasured_node_scores_like_its_measured_peers(score_nodes, policy):
+    # A fast node measured at 10 ms and 600 tokens/s, and one not measured
+    # yet: the newcomer is assumed to be like the mean of its peers, so both
+    # tie and rotation tries it, rather than fixed guesses ranking it ~50x slower.
+    cluster = Cluster(3)
+    cluster.signals[:, COL_TTFT_MS] = [10, np.nan, 30]
+    cluster.signals[:, COL_DECODE_TPS] = [600, np.nan, 200]
+    cluster.choose(score_nodes, policy)
+    mean_node = Cluster(3)
+    mean_node.signals[:, COL_TTFT_MS] = [10, 20, 30]
+    mean_node.signals[:, COL_DECODE_TPS] = [600, 400, 200]
+    mean_node.choose(score_nodes, policy)
+    assert cluster.scores[1] == pytest.approx(mean_node.scores[1])
+    assert cluster.scores[0] < cluster.scores[1] < cluster.scores[2]
+
+
 @pytest.mark.parametrize("policy", sorted(POLICY_IDS))
 def test_all_unhealthy_returns_minus_one(score_nodes, policy):
     cluster = Cluster(2)

@@ -61,8 +61,45 @@ def _at_most(value: float, ceiling: float) -> float:
     return ceiling if value > ceiling else value
 
 
+def _peer_defaults(
+    signals: np.ndarray, model_state: np.ndarray, candidates: np.ndarray
+) -> tuple[float, float]:
+    """Return the stand-ins for a candidate's unmeasured TTFT and decode speed.
+
+    They are the means over the candidates measured so far, so a node that has
+    not served the model yet looks like its peers: it is tried, and measured,
+    instead of being shunned (fixed guesses far slower than the real nodes) or
+    flooded (guesses far faster). With no candidate measured, fixed guesses.
+    """
+    ttft_sum = tps_sum = 0.0
+    ttft_count = tps_count = 0
+    node_count = signals.shape[0]
+    for node in candidates:
+        node = int(node)
+        if node < 0 or node >= node_count:
+            continue
+        ttft_ms = _known(model_state[node, MODEL_TTFT_MS], float(signals[node, COL_TTFT_MS]))
+        if ttft_ms == ttft_ms:
+            ttft_sum += ttft_ms
+            ttft_count += 1
+        tps = _known(model_state[node, MODEL_DECODE_TPS], float(signals[node, COL_DECODE_TPS]))
+        if tps == tps:
+            tps_sum += tps
+            tps_count += 1
+    return (
+        ttft_sum / ttft_count if ttft_count else UNKNOWN_TTFT_MS,
+        tps_sum / tps_count if tps_count else UNKNOWN_DECODE_TPS,
+    )
+
+
 def _node_cost(
-    signals: np.ndarray, model_state: np.ndarray, node: int, request: np.ndarray, policy: int
+    signals: np.ndarray,
+    model_state: np.ndarray,
+    node: int,
+    request: np.ndarray,
+    policy: int,
+    unknown_ttft_ms: float,
+    unknown_decode_tps: float,
 ) -> float:
     if _known(signals[node, COL_HEALTHY], 0.0) <= 0.0:
         return INF
@@ -78,9 +115,9 @@ def _node_cost(
     slots = _at_least(_known(signals[node, COL_SLOTS_TOTAL], 1.0), 1.0)
     load = (in_flight + queued) / slots
     # This model's own averages on this node win over the node-wide ones.
-    node_ttft_ms = _known(signals[node, COL_TTFT_MS], UNKNOWN_TTFT_MS)
+    node_ttft_ms = _known(signals[node, COL_TTFT_MS], unknown_ttft_ms)
     ttft_ms = _at_least(_known(model_state[node, MODEL_TTFT_MS], node_ttft_ms), 0.0)
-    node_decode_tps = _known(signals[node, COL_DECODE_TPS], UNKNOWN_DECODE_TPS)
+    node_decode_tps = _known(signals[node, COL_DECODE_TPS], unknown_decode_tps)
     decode_tps = _at_least(_known(model_state[node, MODEL_DECODE_TPS], node_decode_tps), 1e-3)
     error_rate = _at_most(_at_least(_known(signals[node, COL_ERROR_RATE], 0.0), 0.0), 1.0)
     is_gpu = _known(signals[node, COL_IS_GPU], 0.0) > 0.0
@@ -146,6 +183,7 @@ def score_nodes(
         return -1
     node_count = signals.shape[0]
     offset = start % n
+    unknown_ttft_ms, unknown_decode_tps = _peer_defaults(signals, model_state, candidates)
 
     best = -1
     best_cost = INF
@@ -157,7 +195,9 @@ def score_nodes(
         if policy == POLICY_ROUND_ROBIN:
             cost = float(k) if _known(signals[node, COL_HEALTHY], 0.0) > 0.0 else INF
         else:
-            cost = _node_cost(signals, model_state, node, request, policy)
+            cost = _node_cost(
+                signals, model_state, node, request, policy, unknown_ttft_ms, unknown_decode_tps
+            )
         if cost != cost:
             cost = INF
         scores[position] = cost
