@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .learning.commands import add_learning_parsers
+from .membership_commands import add_membership_parsers
 from .tenancy_commands import add_tenancy_parsers
 
 
@@ -20,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic lists every plugin it sets up at INFO, on every start.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
@@ -80,6 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_learning_parsers(commands)
     _add_shard_parser(commands)
     add_tenancy_parsers(commands)
+    add_membership_parsers(commands)
     return parser
 
 
@@ -129,14 +134,35 @@ def _serve_command(args: argparse.Namespace) -> int:
         extra_nodes=args.node,
     )
     if not settings.nodes:
-        raise ConfigError(
-            "no nodes configured: pass --node URL, set SOLLOL_NODES, or add [[nodes]] "
-            "to a config file"
-        )
+        settings = _with_local_nodes(settings)
     from .server import run
 
     run(lambda: serve_router(settings))
     return 0
+
+
+def _with_local_nodes(settings: Settings) -> Settings:
+    """Scan 127.0.0.1 on Ollama's and llama-server's default ports for nodes to start with.
+
+    Only this machine is scanned; other networks need `sollol discover`.
+    """
+    from .discovery import DEFAULT_PORTS, LOOPBACK_CIDR, node_name, scan_network
+
+    found = asyncio.run(scan_network(LOOPBACK_CIDR, DEFAULT_PORTS, timeout_s=2.0))
+    nodes = []
+    for node in found:
+        name = node_name(node, [config.name for config in nodes])
+        nodes.append(dataclasses.replace(node.config(name), source="discovered"))
+        print(f"sollol: found {node.kind.value} node at {node.url}", file=sys.stderr, flush=True)
+    if not nodes:
+        print(
+            "sollol: no nodes configured and none found on 127.0.0.1 ports "
+            f"{', '.join(str(port) for port in DEFAULT_PORTS)}; nodes stored in the database "
+            "still load, and `sollol nodes add URL` adds more",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dataclasses.replace(settings, nodes=tuple(nodes))
 
 
 async def serve_router(settings: Settings) -> None:

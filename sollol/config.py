@@ -74,8 +74,7 @@ def validate_node_url(url: str) -> str:
         )
     if parts.path or parts.query or parts.fragment or "?" in stripped or "#" in stripped:
         raise ConfigError(
-            f"node URL {url!r} must not carry a path, query or fragment; "
-            "give the server's base URL"
+            f"node URL {url!r} must not carry a path, query or fragment; give the server's base URL"
         )
     try:
         port = parts.port
@@ -127,6 +126,8 @@ class NodeConfig:
     memory_bytes: int | None = None
     # Relative cost of sending work to this node (energy, price); 1 is neutral.
     cost_weight: float = 1.0
+    # Where the node came from: config, env, flag, api or discovered.
+    source: str = "config"
 
     def __post_init__(self) -> None:
         url = validate_node_url(self.url)
@@ -191,6 +192,9 @@ class Settings:
     # How often a running router reads the api_keys table again, so new and
     # revoked keys take effect within this many seconds.
     keys_refresh_interval_s: float = 2.0
+    # How often a running router reads the nodes table again, so nodes added,
+    # drained or removed through another router take effect within this time.
+    membership_refresh_interval_s: float = 2.0
     # TLS: PEM certificate chain and private key; both empty serves plain HTTP.
     certfile: str = ""
     keyfile: str = ""
@@ -209,14 +213,51 @@ _SERVER_KEYS = {
 AUTH_MODES = ("auto", "required")
 
 
-def parse_node_spec(spec: str) -> NodeConfig:
-    """Parse a ``--node`` value: ``URL`` or ``KIND=URL``, e.g. ``llamacpp=http://127.0.0.1:8080``."""
+OLLAMA_DEFAULT_PORT = 11434
+
+
+# What a config file may hold at its top level: [server], [[nodes]],
+# [[shard_groups]] and [costs].
+_TOP_LEVEL_TABLES = frozenset({"server", "nodes", "shard_groups", "costs"})
+
+
+def parse_node_spec(spec: str, *, source: str = "flag") -> NodeConfig:
+    """Parse a ``--node`` value: ``URL`` or ``KIND=URL``, e.g. ``llamacpp=http://127.0.0.1:8080``.
+
+    An ``ollama=`` URL may take Ollama's own host form, ``HOST[:PORT]`` with
+    no scheme and port 11434 by default, as in ``ollama=127.0.0.1``.
+    """
     kind = NodeKind.OPENAI
     url = spec.strip()
     if "=" in url and not url.startswith(("http://", "https://")):
         kind_text, url = url.split("=", 1)
         kind = _parse_kind(kind_text, source=f"--node {spec!r}")
-    return NodeConfig(url=url, kind=kind)
+    if kind is NodeKind.OLLAMA:
+        url = ollama_host_url(url)
+    return NodeConfig(url=url, kind=kind, source=source)
+
+
+def ollama_host_url(host: str) -> str:
+    """Turn an ``OLLAMA_HOST`` value (``HOST``, ``HOST:PORT`` or a URL) into a node URL.
+
+    Ollama's clients read a missing scheme as http and a missing port as
+    11434. A server address of 0.0.0.0 (listen on every interface) names
+    this machine when used as a client address, so it becomes 127.0.0.1.
+    """
+    text = host.strip()
+    if not text.startswith(("http://", "https://")):
+        text = "http://" + text
+    parts = urlsplit(text.rstrip("/"))
+    netloc = parts.netloc
+    try:
+        port = parts.port
+    except ValueError:
+        port = None  # validate_node_url reports the bad port with the whole URL
+    if parts.hostname == "0.0.0.0":
+        netloc = netloc.replace("0.0.0.0", "127.0.0.1", 1)
+    if port is None and ":" not in netloc.rpartition("]")[2]:
+        netloc = f"{netloc}:{OLLAMA_DEFAULT_PORT}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def load_settings(
@@ -240,6 +281,12 @@ def load_settings(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(document) - _TOP_LEVEL_TABLES)
+        if unknown:
+            raise ConfigError(
+                f"config file {path}: unknown tables or keys: {', '.join(unknown)}; "
+                f"expected {', '.join(sorted(_TOP_LEVEL_TABLES))}"
+            )
         values.update(_server_section(document.get("server", {}), source=str(path)))
         nodes.extend(_node_tables(document.get("nodes", []), source=str(path)))
         if "shard_groups" in document:
@@ -261,8 +308,19 @@ def load_settings(
             values[key] = _coerce(key, environ[env_name], source=env_name)
     if environ.get("SOLLOL_NODES"):
         nodes.extend(
-            parse_node_spec(spec) for spec in environ["SOLLOL_NODES"].split(",") if spec.strip()
+            parse_node_spec(spec, source="env")
+            for spec in environ["SOLLOL_NODES"].split(",")
+            if spec.strip()
         )
+    if environ.get("OLLAMA_HOST"):
+        try:
+            ollama = NodeConfig(
+                url=ollama_host_url(environ["OLLAMA_HOST"]), kind=NodeKind.OLLAMA, source="env"
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"OLLAMA_HOST: {exc}") from exc
+        if all(node.url != ollama.url for node in nodes):
+            nodes.append(ollama)
 
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -334,7 +392,7 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
             nodes.append(
                 NodeConfig(
                     url=str(table["url"]),
-                    kind=_parse_kind(table.get("kind", "openai"), source=where),
+                    kind=_parse_kind(table.get("kind", "openai")),
                     name=str(table.get("name", "")),
                     models=tuple(models),
                     gpu=gpu,
@@ -347,14 +405,13 @@ def _node_tables(tables: Any, *, source: str) -> list[NodeConfig]:
     return nodes
 
 
-def _parse_kind(text: Any, *, source: str) -> NodeKind:
+def _parse_kind(text: Any, *, source: str | None = None) -> NodeKind:
     try:
         return NodeKind(str(text).strip().lower())
     except ValueError:
         choices = ", ".join(kind.value for kind in NodeKind)
-        raise ConfigError(
-            f"{source}: unknown node kind {text!r}; expected one of {choices}"
-        ) from None
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}unknown node kind {text!r}; expected one of {choices}") from None
 
 
 def _coerce(key: str, value: Any, *, source: str) -> Any:

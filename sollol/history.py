@@ -32,7 +32,14 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import URL, Dialect, Engine, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from .config import ConfigError
 from .migrations import upgrade_to_head
@@ -110,6 +117,32 @@ api_keys_table = Table(
     Column("quota_period", String(8), nullable=True, doc="day | month (UTC calendar)"),
     Column("created_at", Float, nullable=False, doc="Unix time, seconds"),
     Column("revoked_at", Float, nullable=True, doc="Unix time, seconds; None: active"),
+)
+# Membership changes made at run time; see sollol.membership.
+nodes_table = Table(
+    "nodes",
+    metadata,
+    Column("name", String(256), primary_key=True),
+    Column("url", String(2048), nullable=False),
+    Column("kind", String(16), nullable=False, doc="llamacpp | ollama | openai"),
+    Column("models", Text, nullable=True, doc="JSON array of model names; None: discovered"),
+    Column("source", String(16), nullable=False, doc="config | env | api | discovered"),
+    Column("state", String(16), nullable=False, doc="active | drained | removed"),
+    Column("added_at", Float, nullable=False, doc="Unix time, seconds"),
+    Column("updated_at", Float, nullable=False, doc="Unix time, seconds"),
+)
+
+# Requests admitted and tokens charged per key, shared by the routers on one
+# database for per-minute limits; see sollol.shared_limits.
+key_rate_events_table = Table(
+    "key_rate_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("key_id", Integer, nullable=False),
+    Column("at", Float, nullable=False, doc="Unix time, seconds"),
+    Column("requests", Integer, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Index("ix_key_rate_events_key_id_at", "key_id", "at"),
 )
 COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
 # PostgreSQL rejects a whole batch when one value is longer than its VARCHAR
@@ -203,8 +236,20 @@ def create_history_engine(database_url: str) -> Engine:
 
     Raises HistoryStoreError when the database cannot be reached or upgraded.
     """
-    url = make_url(database_url)
-    engine = create_engine(url, **_engine_options(url))
+    try:
+        url = make_url(database_url)
+        engine = create_engine(url, **_engine_options(url))
+    except ArgumentError as exc:
+        raise HistoryStoreError(
+            f"database_url {database_url!r} is not a database URL: {exc}; "
+            "expected e.g. sqlite:///sollol-history.db or postgresql+psycopg://USER@HOST/DB"
+        ) from exc
+    except (NoSuchModuleError, ImportError) as exc:
+        # A dialect, or the driver it needs, that is not installed (mysql://, say).
+        raise HistoryStoreError(
+            f"database_url {url.render_as_string(hide_password=True)!r} needs a database "
+            f"driver that is not installed ({exc}); SOLLOL supports SQLite and PostgreSQL"
+        ) from exc
     if engine.dialect.name == "sqlite":
         # WAL lets readers (reports, `sollol train`) run while the router writes.
         @event.listens_for(engine, "connect")

@@ -96,11 +96,20 @@ def test_node_spec(spec, kind, url):
             "node names must be unique",
         ),
         ("[server\n", "not valid TOML"),
+        ("[sever]\nport = 0\n", "unknown tables or keys: sever"),
+        ("[[node]]\nurl = 'http://127.0.0.1:1'\n", "unknown tables or keys: node"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_settings(write(tmp_path, text), environ={})
+
+
+def test_unknown_kind_names_its_table_once(tmp_path):
+    text = "[[nodes]]\nurl = 'http://127.0.0.1:1'\nkind = 'vllm'\n"
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text), environ={})
+    assert str(raised.value).count("[[nodes]] #1") == 1
 
 
 def test_missing_file_is_reported(tmp_path):

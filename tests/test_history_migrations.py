@@ -184,3 +184,16 @@ def test_unreachable_database_raises():
         url = f"postgresql+psycopg://sollol@127.0.0.1:{port}/postgres"
         with pytest.raises(HistoryStoreError, match="could not open or upgrade"):
             create_history_engine(url)
+
+
+@pytest.mark.parametrize(
+    ("database_url", "message"),
+    [
+        ("notaurl", "is not a database URL"),
+        ("mysql://user:secret@127.0.0.1:1/db", "needs a database driver that is not installed"),
+    ],
+)
+def test_unusable_database_url_is_a_clear_error(database_url, message):
+    with pytest.raises(HistoryStoreError, match=message) as raised:
+        create_history_engine(database_url)
+    assert "secret" not in str(raised.value)
