@@ -23,7 +23,9 @@ from .errors import SollolError, openai_error_body
 from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
 from .learned_api import LearnedModelRoutes
+from .membership import Membership, NodeStore
 from .metrics import RouterMetrics
+from .nodes_api import NodeRoutes
 from .ollama_api import OllamaRoutes, ollama_error_body
 from .openai_api import OpenAIRoutes
 from .openapi import openapi_route
@@ -80,6 +82,22 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     )
     sessions = DashboardSessions(tenancy.keys)
     learned = LearnedModelRoutes(cluster, settings)
+    membership = Membership(
+        cluster,
+        NodeStore(engine),
+        client,
+        probe_timeout_s=settings.connect_timeout_s,
+        refresh_interval_s=settings.membership_refresh_interval_s,
+    )
+
+    def membership_changed() -> None:
+        # A node joined or left: the matrix was reallocated, and the learned
+        # scorer maps node names to indices.
+        scheduler.set_signals(cluster.signals.matrix)
+        if learned.reloader is not None:
+            learned.reloader.set_node_names(cluster.node_names_by_index())
+
+    cluster.on_membership = membership_changed  # type: ignore[method-assign]
     metrics = RouterMetrics()
     metrics.watch(cluster, scheduler, history)
     feed = DashboardFeed(cluster, scheduler, interval_s=settings.dashboard_interval_s)
@@ -113,6 +131,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         await client.start()
         history.start()
         await learned.start()
+        await membership.start(probe=probe_nodes)
         health_task = None
         if probe_nodes:
             await cluster.refresh(client, timeout_s=settings.connect_timeout_s)
@@ -131,6 +150,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
                 health_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await health_task
+            await membership.stop()
             await learned.stop()
             await tenancy.keys.stop()
             await client.close()
@@ -161,6 +181,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             *feed.routes(),
             sessions.route(),
             *AdminRoutes(tenancy).routes(),
+            *NodeRoutes(membership, detect_timeout_s=settings.connect_timeout_s).routes(),
             openapi_route(),
         ],
         middleware=[Middleware(AuthGate, keys=tenancy.keys, sessions=sessions)],
@@ -179,6 +200,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
     app.state.learned = learned
     app.state.dashboard = feed
     app.state.tenancy = tenancy
+    app.state.membership = membership
     return app
 
 

@@ -2,11 +2,19 @@
 
 The request path reads only precomputed arrays: ``in_flight`` (one int64 per
 node) and, per model, the indices of healthy nodes that serve it. Those
-candidate arrays are rebuilt only when health or a model list changes, never
-per request.
+candidate arrays are rebuilt only when health, a model list or membership
+changes, never per request.
+
+Membership changes at run time. A node's index (its row in the signal
+matrix) is fixed for the life of the process: an added node gets a new row
+at the end, and a removed node stays in place as a tombstone that is never a
+candidate. So a request in flight, which holds its node's index, still
+releases the right row after its node was removed. ``nodes`` lists the nodes
+present now (active or draining); ``node_at`` looks any node up by index.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -57,6 +65,10 @@ class Node:
     # Non-streamed requests the router is waiting on from this node.
     unary_in_flight: int = 0
     served_total: int = field(default=0)
+    # A draining node gets no new requests; those in flight finish.
+    draining: bool = False
+    # A removed node is a tombstone: its row stays, it is never routed to.
+    removed: bool = False
 
     def set_models(self, names: Iterable[str]) -> None:
         self.own_names = {model_key(name): name for name in names}
@@ -64,8 +76,8 @@ class Node:
 
     @property
     def healthy(self) -> bool:
-        """Whether the node gets new requests: up, and its breaker lets them through."""
-        return self.health.routable()
+        """Whether the node gets new requests: present, not draining, up, breaker closed."""
+        return not self.draining and not self.removed and self.health.routable()
 
     @property
     def name(self) -> str:
@@ -78,6 +90,10 @@ class Node:
     @property
     def kind(self) -> NodeKind:
         return self.config.kind
+
+    @property
+    def source(self) -> str:
+        return self.config.source
 
 
 class Cluster:
@@ -95,10 +111,14 @@ class Cluster:
         health_policy = health_policy or HealthPolicy()
         # A node that delivered bytes this recently is alive, whatever its probe reports.
         self.progress_window_s = progress_window_s
-        self.nodes = [
+        self._health_policy = health_policy
+        # Every node ever added, by index, tombstones included.
+        self._by_index: list[Node] = [
             Node(config=config, index=index, health=NodeHealth(health_policy))
             for index, config in enumerate(nodes)
         ]
+        # The nodes present now; replaced whole when membership changes.
+        self.nodes: list[Node] = list(self._by_index)
         for node in self.nodes:
             node.set_models(node.config.models)
         self.signals = NodeSignals(len(self.nodes))
@@ -110,6 +130,68 @@ class Cluster:
         self._candidates: dict[str, np.ndarray] = {}
         self._known_models: frozenset[str] = frozenset()
         self._rebuild_candidates()
+
+    # -- membership ------------------------------------------------------
+
+    def node_at(self, index: int) -> Node:
+        """Return the node at a signal-matrix row, removed ones included."""
+        return self._by_index[index]
+
+    def node_names_by_index(self) -> list[str]:
+        """Return every node's name in index order, tombstones included."""
+        return [node.name for node in self._by_index]
+
+    def find(self, name: str) -> Node | None:
+        """Return the present (not removed) node called ``name``, or None."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        return None
+
+    def add_node(self, config: NodeConfig, *, source: str) -> Node:
+        """Add a node at a new index; it joins rotation after its first good probe.
+
+        Raises ValueError when a present node already has the name.
+        """
+        if self.find(config.name) is not None:
+            raise ValueError(f"a node named {config.name!r} already exists")
+        config = dataclasses.replace(config, source=source)
+        index = self.signals.add_node()
+        node = Node(config=config, index=index, health=NodeHealth(self._health_policy))
+        node.set_models(config.models)
+        self.signals.set_static(index, is_gpu=config.gpu, cost_weight=config.cost_weight)
+        self._by_index.append(node)
+        self.nodes = [*self.nodes, node]
+        self.on_membership()
+        self._rebuild_candidates()
+        return node
+
+    def drain(self, node: Node, draining: bool = True) -> None:
+        """Stop (or, with ``draining`` False, resume) new requests to a node.
+
+        Requests in flight on a draining node run to their end.
+        """
+        node.draining = draining
+        self._rebuild_candidates()
+
+    def remove(self, node: Node) -> None:
+        """Take a node out for good; its requests in flight still finish."""
+        node.removed = True
+        self.nodes = [present for present in self.nodes if present is not node]
+        self.signals.set_healthy(node.index, False)
+        self.on_membership()
+        self._rebuild_candidates()
+
+    def state_of(self, node: Node) -> str:
+        """Return active, draining (requests still in flight), drained or removed."""
+        if node.removed:
+            return "removed"
+        if node.draining:
+            return "draining" if self.signals.in_flight(node.index) > 0 else "drained"
+        return "active"
+
+    def on_membership(self) -> None:
+        """Called after a node was added or removed; the app rewires what reads the matrix."""
 
     # -- request path ----------------------------------------------------
 
@@ -171,6 +253,8 @@ class Cluster:
             "name": node.name,
             "kind": node.kind.value,
             "url": node.url,
+            "source": node.source,
+            "state": self.state_of(node),
             "healthy": node.healthy,
             "models": sorted(node.models),
             "loaded_models": loaded,
@@ -191,7 +275,7 @@ class Cluster:
         """Models of the nodes that are up, including those behind an open breaker."""
         models: set[str] = set()
         for node in self.nodes:
-            if node.health.up:
+            if node.health.up and not node.draining:
                 models |= node.models
         return sorted(models)
 
@@ -251,6 +335,11 @@ class Cluster:
         """Probe every node once, concurrently, and update health and model lists."""
         await asyncio.gather(*(self._probe(client, node, timeout_s) for node in self.nodes))
         self._half_open_due()
+        self._rebuild_candidates()
+
+    async def probe(self, client: UpstreamClient, node: Node, timeout_s: float) -> None:
+        """Probe one node now, e.g. one just added, so it need not wait for the health loop."""
+        await self._probe(client, node, timeout_s)
         self._rebuild_candidates()
 
     async def run_health_loop(

@@ -397,7 +397,7 @@ class OpenAIRoutes:
             for index, score in decision.best(len(decision.candidates)):
                 candidates.append(
                     {
-                        "node": cluster.nodes[index].name,
+                        "node": cluster.node_at(index).name,
                         "score": score if math.isfinite(score) else None,
                         "signals": cluster.signals.row(index),
                     }
@@ -405,7 +405,7 @@ class OpenAIRoutes:
         body = {
             "model": model,
             "policy": policy or cluster.engine.default_policy,
-            "chosen": None if decision is None else cluster.nodes[decision.node].name,
+            "chosen": None if decision is None else cluster.node_at(decision.node).name,
             "candidates": candidates,
             "lower_score_wins": True,
         }

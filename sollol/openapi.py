@@ -508,7 +508,15 @@ _KEY_ID: JsonSchema = {
     "schema": {"type": "integer"},
 }
 
-# Key management and usage; admin-only when authentication is on.
+_NODE_NAME: JsonSchema = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "The node's name, as `GET /sollol/nodes` lists it.",
+    "schema": {"type": "string"},
+}
+
+# Key management, usage and nodes; admin-only when authentication is on.
 _AUTH_ERRORS: JsonSchema = {
     "401": _json(_ERROR, "Authentication is on and the request has no valid API key."),
     "403": _json(_ERROR, "The API key is not an admin key."),
@@ -583,6 +591,62 @@ OPERATIONS.update(
             "responses": {
                 "200": _json(_OBJECT, "Rows per key, model and node, and totals per key."),
                 "400": _response_ref("BadRequest"),
+                **_AUTH_ERRORS,
+            },
+        },
+        ("/sollol/nodes", "GET"): {
+            "summary": "The cluster's nodes with their source, state and health",
+            "responses": {"200": _json(_OBJECT, "The nodes."), **_AUTH_ERRORS},
+        },
+        ("/sollol/nodes", "POST"): {
+            "summary": "Add a node; without `kind` the router detects it from the URL",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["url"],
+                            "properties": {
+                                "url": {"type": "string", "format": "uri"},
+                                "kind": {"enum": ["llamacpp", "ollama", "openai"]},
+                                "name": {
+                                    "type": "string",
+                                    "maxLength": 256,
+                                    "pattern": "^[^/]*$",
+                                },
+                                "models": {
+                                    "type": ["array", "null"],
+                                    "items": {"type": "string", "minLength": 1},
+                                },
+                            },
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "201": _json(_OBJECT, "The node, added or back in rotation."),
+                "400": _response_ref("BadRequest"),
+                "409": _json(_ERROR, "Another node has this name."),
+                **_AUTH_ERRORS,
+            },
+        },
+        ("/sollol/nodes/{name}", "DELETE"): {
+            "summary": "Remove a node; its requests in flight finish",
+            "parameters": [_NODE_NAME],
+            "responses": {
+                "200": _json(_OBJECT, "The removed node."),
+                "404": _json(_ERROR, "No node has this name."),
+                **_AUTH_ERRORS,
+            },
+        },
+        ("/sollol/nodes/{name}/drain", "POST"): {
+            "summary": "Send a node no new requests; its requests in flight finish",
+            "parameters": [_NODE_NAME],
+            "responses": {
+                "200": _json(_OBJECT, "The draining node."),
+                "404": _json(_ERROR, "No node has this name."),
                 **_AUTH_ERRORS,
             },
         },

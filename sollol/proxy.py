@@ -203,7 +203,7 @@ class Proxy:
             )
             if decision is None:
                 break
-            node = self.cluster.nodes[decision.node]
+            node = self.cluster.node_at(decision.node)
             tried.add(node.index)
             record.attempts += 1
             record.node = node.name
@@ -324,9 +324,9 @@ class Proxy:
     def _explain(self, decision: Decision, record: RequestRecord) -> str:
         """Return the best candidates' scores as compact JSON for the history row."""
         best = decision.best(MAX_EXPLAINED_CANDIDATES)
-        scores = {self.cluster.nodes[index].name: score for index, score in best}
+        scores = {self.cluster.node_at(index).name: score for index, score in best}
         others = [index for index, score in best if index != decision.node and math.isfinite(score)]
-        record.runner_up = self.cluster.nodes[others[0]].name if others else None
+        record.runner_up = self.cluster.node_at(others[0]).name if others else None
         # JSON has no infinity; a null score means "not eligible".
         return orjson.dumps({name: _finite(score) for name, score in scores.items()}).decode()
 

@@ -52,6 +52,16 @@ ROUTES = [
     ("POST", "/sollol/keys", {"name": "made-by-test"}, RouteScope.ADMIN),
     ("DELETE", "/sollol/keys/999", None, RouteScope.ADMIN),
     ("GET", "/sollol/usage", None, RouteScope.ADMIN),
+    ("GET", "/sollol/nodes", None, RouteScope.ADMIN),
+    # Port 9 (discard) on loopback: the probe of the added node is refused.
+    (
+        "POST",
+        "/sollol/nodes",
+        {"url": "http://127.0.0.1:9", "kind": "openai", "name": "added-by-test"},
+        RouteScope.ADMIN,
+    ),
+    ("DELETE", "/sollol/nodes/ghost", None, RouteScope.ADMIN),
+    ("POST", "/sollol/nodes/ghost/drain", None, RouteScope.ADMIN),
     ("GET", "/metrics", None, RouteScope.ADMIN),
     ("GET", "/dashboard/state", None, RouteScope.ADMIN),
     # Never ends when accepted, so only rejections are sent to it.
@@ -67,6 +77,9 @@ ADMIN_STATUS = {
     ("POST", "/sollol/policy/reload"): 409,
     ("POST", "/sollol/keys"): 201,
     ("DELETE", "/sollol/keys/999"): 404,
+    ("POST", "/sollol/nodes"): 201,
+    ("DELETE", "/sollol/nodes/ghost"): 404,
+    ("POST", "/sollol/nodes/ghost/drain"): 404,
 }
 
 
@@ -152,6 +165,7 @@ def test_table_lists_every_route():
     listed = {(path.split("?")[0], method) for method, path, _, _ in ROUTES}
     routed = set(route_operations(app.routes))
     routed = {(path.replace("{model}", "tiny").replace("{key_id}", "999"), m) for path, m in routed}
+    routed = {(path.replace("{name}", "ghost"), m) for path, m in routed}
     assert listed == routed
 
 

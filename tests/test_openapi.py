@@ -24,7 +24,7 @@ from tests.support.fake_node import FakeOpenAINode
 MODELS = ("tiny", "embed", "org/tiny")
 EXAMPLES_PER_OPERATION = 40
 # Operations without input that schemathesis can make invalid: two take no
-# parameters, and any string in the path is a valid model id.
+# parameters, and any string in the path is a valid model id or node name.
 WITHOUT_INVALID_INPUT = {
     ("/health", "GET"),
     ("/v1/models", "GET"),
@@ -39,7 +39,11 @@ WITHOUT_INVALID_INPUT = {
     ("/dashboard", "GET"),
     ("/dashboard/state", "GET"),
     ("/sollol/policy/reload", "POST"),
+    ("/sollol/nodes", "GET"),
+    ("/sollol/nodes/{name}", "DELETE"),
+    ("/sollol/nodes/{name}/drain", "POST"),
 }
+
 # Schemathesis leaves out the operation that serves the schema itself.
 LOADED = sorted(key for key in OPERATIONS if key != (OPENAPI_PATH, "GET"))
 # The dashboard's event stream never ends, so no example of it could finish.
@@ -179,6 +183,11 @@ def test_fuzz_operation(router_schema, fake_node, path, method, mode):
                 case.body = _integral_floats_to_ints(case.body)
             if model is not None:
                 _use_model(case, model)
+        if path == "/sollol/nodes" and isinstance(case.body, dict) and "url" in case.body:
+            # The router probes the URL it is given, and tests send traffic to
+            # this machine only: every string URL becomes the fake node's.
+            if isinstance(case.body["url"], str):
+                case.body["url"] = fake_node.url
         response = case.call()
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, response.text

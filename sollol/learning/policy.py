@@ -112,6 +112,17 @@ class ModelReloader:
             )
         return ReloadResult(True, str(self.path), message)
 
+    def set_node_names(self, node_names: list[str]) -> None:
+        """Score for these nodes (by index) from now on; called when membership changes.
+
+        The current model, if any, is rebound at once, because a scorer built
+        for fewer nodes would reject the larger signal matrix.
+        """
+        self.node_names = list(node_names)
+        current = self.engine.learned
+        if isinstance(current, LearnedScorer):
+            self.engine.learned = LearnedScorer(current.model, self.node_names)
+
     def changed(self) -> bool:
         """Return whether the file appeared or changed since the last load or rejection."""
         stamp = self._stamp()

@@ -64,6 +64,22 @@ class NodeSignals:
         self.matrix[:, COL_IS_GPU] = 0.0
         self.matrix[:, COL_COST_WEIGHT] = 1.0
 
+    def add_node(self) -> int:
+        """Append a row for a new node, all unknown, and return its index.
+
+        The matrix and every per-model array are reallocated one row larger,
+        so holders of ``matrix`` must read it again (``Cluster.on_membership``).
+        """
+        row = np.full((1, NODE_COLUMNS), math.nan)
+        for column in (COL_HEALTHY, COL_IN_FLIGHT, COL_QUEUE_DEPTH, COL_ERROR_RATE, COL_IS_GPU):
+            row[0, column] = 0.0
+        row[0, COL_COST_WEIGHT] = 1.0
+        self.matrix = np.vstack([self.matrix, row])
+        unknown = np.full((1, MODEL_COLUMNS), math.nan)
+        for model, state in self._models.items():
+            self._models[model] = np.vstack([state, unknown])
+        return self.matrix.shape[0] - 1
+
     def model_state(self, model: str) -> np.ndarray:
         """Return the nodes x MODEL_COLUMNS matrix for ``model``, created all-unknown."""
         state = self._models.get(model)
@@ -198,10 +214,8 @@ class RoutingEngine:
         self.random = random.Random()
         self.signals = signals
         self.default_policy = default_policy
-        node_count = signals.matrix.shape[0]
-        self._scores = np.empty(node_count)
         self._request = np.zeros(REQ_COLUMNS)
-        self._unknown = np.full((node_count, MODEL_COLUMNS), math.nan)
+        self._resize(signals.matrix.shape[0])
         self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self._turn = 0
 
@@ -221,6 +235,8 @@ class RoutingEngine:
         moving round-robin on.
         """
         policy = policy or self.default_policy
+        if self._unknown.shape[0] != self.signals.matrix.shape[0]:
+            self._resize(self.signals.matrix.shape[0])
         request = self._request
         request[REQ_PROMPT_TOKENS] = features.prompt_tokens
         request[REQ_MAX_TOKENS] = features.max_tokens
@@ -278,6 +294,11 @@ class RoutingEngine:
                 node = self.random.choice(others)
                 policy = LEARNED_EXPLORE_POLICY
         return Decision(node=node, policy=policy, candidates=candidates, scores=scores)
+
+    def _resize(self, node_count: int) -> None:
+        """Size the scratch arrays for ``node_count`` nodes, after membership grew."""
+        self._scores = np.empty(node_count)
+        self._unknown = np.full((node_count, MODEL_COLUMNS), math.nan)
 
     def remember_prefix(self, features: RequestFeatures, node: int) -> None:
         """Record that ``node`` now has this conversation's prompt in its cache."""

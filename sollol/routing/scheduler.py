@@ -64,6 +64,10 @@ class Scheduler:
         self._queues: dict[str, list[_Waiter]] = {}
         self._sequence = itertools.count()
 
+    def set_signals(self, signals: np.ndarray) -> None:
+        """Read this matrix from now on; the cluster reallocates it when a node joins."""
+        self._signals = signals
+
     def queued_by_model(self) -> dict[str, int]:
         return {model: len(queue) for model, queue in self._queues.items() if queue}
 
