@@ -131,14 +131,14 @@ def target_checks(evaluation: Evaluation) -> list[tuple[str, bool, str]]:
     cut_p95 = 1.0 - learned["latency_p95"] / heuristic["latency_p95"]
     over_oracle = learned["latency_p50"] / oracle["latency_p50"] - 1.0
     return [
-        ("p50 end-to-end at least 30% below round_robin", cut_p50 >= 0.30, f"{cut_p50:.1%} below"),
-        (
-            "p95 end-to-end at least 15% below sollol_heuristic",
-            cut_p95 >= 0.15,
-            f"{cut_p95:.1%} below",
-        ),
+        ("p50 end-to-end at least 30% below round_robin", cut_p50 >= 0.30, _below(cut_p50)),
+        ("p95 end-to-end at least 15% below sollol_heuristic", cut_p95 >= 0.15, _below(cut_p95)),
         ("p50 end-to-end within 15% of the oracle", over_oracle <= 0.15, f"{over_oracle:+.1%}"),
     ]
+
+
+def _below(cut: float) -> str:
+    return f"{cut:.1%} below" if cut >= 0 else f"{-cut:.1%} above"
 
 
 def render_report(evaluation: Evaluation) -> str:

@@ -97,7 +97,8 @@ def train_latency_model(
         raise TrainingDataError(
             f"not enough history to train: {table.rows} usable rows (requests that a node "
             f"served, with routing features); at least {params.min_rows} are needed. "
-            "Serve more traffic, or widen --since/--until"
+            "Serve more traffic; `sollol train` can also widen --since/--until, and "
+            "`sollol evaluate` can raise --warmup-requests"
         )
     split = int(table.rows * (1.0 - HOLDOUT_SHARE))
     latency, latency_metrics = _fit_target(
