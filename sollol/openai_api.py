@@ -320,6 +320,8 @@ class OpenAIRoutes:
         if tenancy is not None:
             tenancy.check_model(api_key, key, model)
         features = estimate_features(task, features_body or body, priority)
+        if tenancy is not None:
+            await tenancy.admit_shared(api_key)
         reserved_tokens = tenancy.admit(api_key, key, features) if tenancy is not None else 0
         try:
             queue_ms = await self._wait_for_node(request, key, priority)

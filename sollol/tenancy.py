@@ -20,11 +20,12 @@ from collections.abc import Callable
 from sqlalchemy.engine import Engine
 
 from .costs import CostTable
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, RateLimitError
 from .history import RequestRecord
 from .keys import ApiKey, KeyStore, hash_secret
 from .quotas import KeyLimits
 from .routing.features import RequestFeatures
+from .shared_limits import SharedRequestCounter, shares_limits
 from .usage import tokens_since
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class Tenancy:
         self.keys.on_refresh = self._load_quota_bases
         self.limits = KeyLimits()
         self.costs = costs
+        # Requests per minute counted across the routers sharing a PostgreSQL database.
+        self.shared_requests = SharedRequestCounter(engine) if shares_limits(engine) else None
         # Real prompt tokens per text-estimated token, per model; see admit.
         self._prompt_scale: dict[str, float] = {}
 
@@ -106,6 +109,23 @@ class Tenancy:
         """Reject a model outside the key's allow-list as unknown (404), as listings hide it."""
         if key is not None and not key.allows_model(model_key):
             raise ModelNotFoundError(shown_name)
+
+    async def admit_shared(self, key: ApiKey | None) -> None:
+        """Count the request against the key's ``rpm`` in the shared database, if any.
+
+        Raises RateLimitError when the routers on the database together have
+        admitted ``rpm`` requests of the key in the last minute.
+        """
+        if key is None or key.rpm is None or self.shared_requests is None:
+            return
+        wait_s = await asyncio.to_thread(self.shared_requests.admit, key.id, key.rpm)
+        if wait_s is not None:
+            raise RateLimitError(
+                f"API key {key.prefix}... is over its limit of {key.rpm} requests per minute "
+                "(counted across every router on this database)",
+                code="rate_limit_requests",
+                retry_after_s=wait_s,
+            )
 
     def admit(self, key: ApiKey | None, model: str, features: RequestFeatures) -> int:
         """Apply the key's limits to a request; return the tokens reserved for it.
