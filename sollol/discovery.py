@@ -1,6 +1,6 @@
 """Finding nodes: tell a node's kind from its URL alone, and scan hosts and ports for nodes.
 
-``detect_node`` asks a URL, in order:
+``detect_node`` sends these requests to a URL, in order:
 
 1. ``GET /api/version``. Ollama returns ``{"version": "0.x.y"}`` there, and
    then ``/api/tags`` lists its models.
@@ -58,7 +58,7 @@ class DetectedNode:
 async def detect_node(client: UpstreamClient, url: str, timeout_s: float) -> DetectedNode | None:
     """Return the kind and models of the server at ``url``, or None when it is no node.
 
-    Raises UpstreamConnectionError when nothing answers at ``url``.
+    Raises UpstreamConnectionError when the connection to ``url`` fails.
     """
     status, body = await client.get(url + "/api/version", timeout_s=timeout_s)
     if status == 200 and isinstance(body, dict) and isinstance(body.get("version"), str):

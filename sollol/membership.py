@@ -1,10 +1,11 @@
 """Cluster membership: nodes added, drained and removed while the router runs.
 
-Nodes come from four sources, merged into the one list the cluster routes to:
-the config file, the ``SOLLOL_NODES`` and ``OLLAMA_HOST`` variables, nodes
-added through the admin API (``sollol nodes add``), and nodes a scan found
-(``sollol discover``, or the loopback scan of ``sollol serve`` started with
-no nodes). Each change made at run time is a row of the ``nodes`` table:
+Nodes come from four sources, merged into the one list the cluster routes to.
+They are the config file, the ``SOLLOL_NODES`` and ``OLLAMA_HOST`` variables,
+nodes added through the admin API (``sollol nodes add``), and nodes a scan
+found. A scan is ``sollol discover``, or the loopback scan of ``sollol serve``
+started with no nodes. Each change made at run time is a row of the ``nodes``
+table:
 
 - adding a node stores it with state ``active``;
 - draining stores ``drained``: no new requests, those in flight finish;

@@ -2,7 +2,7 @@
 
 - ``GET /sollol/nodes``: every present node with its source, state and health.
 - ``POST /sollol/nodes``: add a node from ``{"url", "kind", "name", "models"}``.
-  Without ``kind`` the router asks the URL what it is (see
+  Without ``kind`` the router detects it from the node's replies (see
   ``sollol.discovery``). Adding a drained node again, same URL and kind,
   puts it back in rotation. Returns 201 with the node.
 - ``DELETE /sollol/nodes/{name}``: remove a node; requests in flight finish.
@@ -127,7 +127,7 @@ class NodeRoutes:
             ) from None
         if found is None:
             raise InvalidRequestError(
-                f"{url} answered, but not as Ollama, llama-server or an OpenAI-compatible "
+                f"{url} responded, but not as Ollama, llama-server or an OpenAI-compatible "
                 "server (no /api/version, /props or /v1/models); give 'kind' to add it anyway",
                 param="url",
             )
