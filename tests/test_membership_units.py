@@ -205,3 +205,21 @@ def test_ollama_host_invalid():
 
     with pytest.raises(ConfigError, match="OLLAMA_HOST"):
         load_settings(environ={"OLLAMA_HOST": "http://user:pw@127.0.0.1"})
+
+
+def test_learned_policy_after_growth(tmp_path):
+    from sollol.learning.artifact import save_artifact
+    from sollol.learning.policy import ModelReloader
+    from tests.support.learned_models import node_preference_model
+
+    cluster = cluster_of("a", "b")
+    path = tmp_path / "model.json"
+    save_artifact(node_preference_model(("a", "b", "c"), "c"), path)
+    reloader = ModelReloader(cluster.engine, cluster.node_names_by_index(), path)
+    assert reloader.reload().loaded
+    cluster.on_membership = lambda: reloader.set_node_names(cluster.node_names_by_index())  # type: ignore[method-assign]
+    up(cluster, cluster.add_node(node_config("c", 9100), source="api"))
+    decision = cluster.choose("m", FEATURES, policy="learned")
+    assert decision is not None
+    # The model knows "c" as the fast node, at the index it got when it joined.
+    assert cluster.node_at(decision.node).name == "c"
