@@ -183,11 +183,11 @@ def test_fuzz_operation(router_schema, fake_node, path, method, mode):
                 case.body = _integral_floats_to_ints(case.body)
             if model is not None:
                 _use_model(case, model)
-        if path == "/sollol/nodes" and isinstance(case.body, dict) and "url" in case.body:
-            # The router probes the URL it is given, and tests send traffic to
-            # this machine only: every string URL becomes the fake node's.
-            if isinstance(case.body["url"], str):
-                case.body["url"] = fake_node.url
+        # The router probes the URL it is given, and tests send traffic to this
+        # machine only: every string URL becomes the fake node's.
+        body = case.body
+        if path == "/sollol/nodes" and isinstance(body, dict) and isinstance(body.get("url"), str):
+            body["url"] = fake_node.url
         response = case.call()
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, response.text
