@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from .cluster import Cluster, Node
 from .config import NodeConfig, NodeKind
@@ -80,6 +81,13 @@ class NodeStore:
 
     def save(self, config: NodeConfig, *, source: str, state: str) -> None:
         """Insert the node's row, or replace the row of the same name."""
+        try:
+            self._save(config, source=source, state=state)
+        except IntegrityError:
+            # Another router inserted the same name between our read and insert.
+            self._save(config, source=source, state=state)
+
+    def _save(self, config: NodeConfig, *, source: str, state: str) -> None:
         now = time.time()
         values = {
             "url": config.url,
