@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic lists every plugin it sets up at INFO, on every start.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
