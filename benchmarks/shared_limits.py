@@ -4,7 +4,7 @@ Usage: python benchmarks/shared_limits.py [--threads 4] [--requests 2000] [--rpm
     [--postgresql-url postgresql+psycopg://...]
 
 ``--threads`` workers, standing in for the worker threads of several router
-replicas, call ``SharedRequestCounter.admit`` for one key ``--requests``
+replicas, call ``SharedKeyLimits.admit`` for one key with an ``rpm`` limit ``--requests``
 times in all. Printed: the latency of one call (median and 99th percentile),
 calls per second in all, and how many were admitted against ``--rpm`` (the
 whole run takes well under a minute, so exactly ``--rpm`` should pass).
@@ -22,8 +22,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from sollol.errors import RateLimitError  # noqa: E402
 from sollol.history import create_history_engine  # noqa: E402
-from sollol.shared_limits import SharedRequestCounter  # noqa: E402
+from sollol.keys import ApiKey  # noqa: E402
+from sollol.shared_limits import SharedKeyLimits  # noqa: E402
 
 
 def main() -> int:
@@ -43,12 +45,17 @@ def main() -> int:
         url = server.create_database("shared_limits")
     engine = create_history_engine(url)
     try:
-        counter = SharedRequestCounter(engine)
+        limits = SharedKeyLimits(engine)
+        key = ApiKey(id=1, name="bench", prefix="sk-bench", rpm=args.rpm)
         latencies_ms: list[float] = []
 
         def call(_: int) -> bool:
             started = time.perf_counter()
-            admitted = counter.admit(1, args.rpm) is None
+            try:
+                limits.admit(key, 0)
+                admitted = True
+            except RateLimitError:
+                admitted = False
             latencies_ms.append((time.perf_counter() - started) * 1000.0)
             return admitted
 

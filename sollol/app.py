@@ -153,6 +153,7 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             await membership.stop()
             await learned.stop()
             await tenancy.keys.stop()
+            await tenancy.drain()
             await client.close()
             await asyncio.to_thread(history.close)
             # Close the pooled database connections rather than leave them to exit.

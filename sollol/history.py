@@ -144,6 +144,16 @@ key_rate_events_table = Table(
     Column("tokens", Integer, nullable=False),
     Index("ix_key_rate_events_key_id_at", "key_id", "at"),
 )
+
+# Tokens charged per key and quota period (UTC day or month) by every router
+# on one database; see sollol.shared_limits.
+key_quota_usage_table = Table(
+    "key_quota_usage",
+    metadata,
+    Column("key_id", Integer, primary_key=True),
+    Column("period_start", Float, primary_key=True, doc="Unix time, seconds"),
+    Column("tokens", BigInteger, nullable=False),
+)
 COLUMN_NAMES = tuple(column.name for column in requests_table.columns if column.name != "id")
 # PostgreSQL rejects a whole batch when one value is longer than its VARCHAR
 # (SQLite does not check), and some strings come from nodes' error replies.
@@ -191,6 +201,9 @@ class RequestRecord:
     # Not stored: tokens reserved against the key's limits while the request
     # runs, released when it ends (see sollol.quotas).
     reserved_tokens: int = 0
+    # Not stored: the key_rate_events row that holds the reservation when
+    # routers share limits in PostgreSQL (see sollol.shared_limits).
+    rate_event_id: int | None = None
     # Not stored: the second-best candidate, for the dashboard's feed.
     runner_up: str | None = None
     # Reported by the node (llama-server's `timings`); feed the routing

@@ -42,6 +42,7 @@ from .routing.features import (
 )
 from .routing.layout import ROUTING_POLICIES
 from .routing.scheduler import ClientGoneError, QueueFullError, QueueTimeoutError, Scheduler
+from .tenancy import Reservation
 
 # orjson 3.13 parses up to 1024 levels of nested arrays and objects but
 # writes at most 254, and the router writes every body again for the node.
@@ -320,14 +321,14 @@ class OpenAIRoutes:
         if tenancy is not None:
             tenancy.check_model(api_key, key, model)
         features = estimate_features(task, features_body or body, priority)
+        reservation = Reservation()
         if tenancy is not None:
-            await tenancy.admit_shared(api_key)
-        reserved_tokens = tenancy.admit(api_key, key, features) if tenancy is not None else 0
+            reservation = await tenancy.admit(api_key, key, features)
         try:
             queue_ms = await self._wait_for_node(request, key, priority)
         except BaseException:
             if tenancy is not None:
-                tenancy.release(api_key, reserved_tokens)
+                tenancy.release(api_key, reservation)
             raise
         return await self._proxy.forward(
             ProxyRequest(
@@ -341,7 +342,8 @@ class OpenAIRoutes:
                 disconnected=functools.partial(_disconnected, request),
                 dialect=dialect,
                 key_id=None if api_key is None else api_key.id,
-                reserved_tokens=reserved_tokens,
+                reserved_tokens=reservation.tokens,
+                rate_event_id=reservation.event_id,
             )
         )
 

@@ -70,6 +70,7 @@ class ProxyRequest:
     # tokens reserved against its limits until the request ends.
     key_id: int | None = None
     reserved_tokens: int = 0
+    rate_event_id: int | None = None  # see RequestRecord.rate_event_id
 
     @property
     def client_model(self) -> str:
@@ -137,6 +138,7 @@ class Proxy:
             priority=request.features.priority,
             key_id=request.key_id,
             reserved_tokens=request.reserved_tokens,
+            rate_event_id=request.rate_event_id,
         )
         started = time.perf_counter()
         if request.stream:

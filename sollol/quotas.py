@@ -84,7 +84,7 @@ class KeyLimits:
         reserved = self._reserved.get(key.id, 0)
         if key.quota_tokens is not None and key.quota_period is not None:
             used = self.quota_used(key)
-            if _over(used, reserved, estimated_tokens, key.quota_tokens):
+            if over_limit(used, reserved, estimated_tokens, key.quota_tokens):
                 _, end = period_bounds(key.quota_period, self._clock())
                 raise RateLimitError(
                     f"API key {key.prefix}... used {used} of its {key.quota_tokens} tokens "
@@ -98,7 +98,7 @@ class KeyLimits:
             item = RateLimitItemPerMinute(key.tpm)
             stats = self._tokens.get_window_stats(item, "tpm", str(key.id))
             used = key.tpm - stats.remaining
-            if _over(used, reserved, estimated_tokens, key.tpm):
+            if over_limit(used, reserved, estimated_tokens, key.tpm):
                 raise RateLimitError(
                     f"API key {key.prefix}... is over its limit of {key.tpm} tokens per minute "
                     f"({used} used, {reserved} reserved by requests in flight, "
@@ -157,7 +157,7 @@ class KeyLimits:
         return max(1.0, reset_time - self._clock())
 
 
-def _over(used: int, reserved: int, estimate: int, limit: int) -> bool:
+def over_limit(used: int, reserved: int, estimate: int, limit: int) -> bool:
     if used >= limit:
         return True
     if used == 0 and reserved == 0:

@@ -13,25 +13,35 @@ the last key must not open the router.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from sqlalchemy.engine import Engine
 
 from .costs import CostTable
-from .errors import ModelNotFoundError, RateLimitError
+from .errors import ModelNotFoundError
 from .history import RequestRecord
 from .keys import ApiKey, KeyStore, hash_secret
 from .quotas import KeyLimits
 from .routing.features import RequestFeatures
-from .shared_limits import SharedRequestCounter, shares_limits
+from .shared_limits import SharedKeyLimits, has_limits, shares_limits
 from .usage import tokens_since
 
 log = logging.getLogger(__name__)
 
 # Weight of the newest request in the moving average of prompt scales.
 PROMPT_SCALE_WEIGHT = 0.2
+
+
+class Reservation(NamedTuple):
+    """Tokens reserved for a request until it ends, and its row in the shared database."""
+
+    tokens: int = 0
+    # The key_rate_events row when the key's limits are counted in PostgreSQL.
+    event_id: int | None = None
 
 
 class KeyCache:
@@ -100,8 +110,10 @@ class Tenancy:
         self.keys.on_refresh = self._load_quota_bases
         self.limits = KeyLimits()
         self.costs = costs
-        # Requests per minute counted across the routers sharing a PostgreSQL database.
-        self.shared_requests = SharedRequestCounter(engine) if shares_limits(engine) else None
+        # Limits counted across the routers sharing a PostgreSQL database.
+        self.shared = SharedKeyLimits(engine) if shares_limits(engine) else None
+        # Settlements still being written to the shared database.
+        self._settling: set[asyncio.Future[None]] = set()
         # Real prompt tokens per text-estimated token, per model; see admit.
         self._prompt_scale: dict[str, float] = {}
 
@@ -110,25 +122,8 @@ class Tenancy:
         if key is not None and not key.allows_model(model_key):
             raise ModelNotFoundError(shown_name)
 
-    async def admit_shared(self, key: ApiKey | None) -> None:
-        """Count the request against the key's ``rpm`` in the shared database, if any.
-
-        Raises RateLimitError when the routers on the database together have
-        admitted ``rpm`` requests of the key in the last minute.
-        """
-        if key is None or key.rpm is None or self.shared_requests is None:
-            return
-        wait_s = await asyncio.to_thread(self.shared_requests.admit, key.id, key.rpm)
-        if wait_s is not None:
-            raise RateLimitError(
-                f"API key {key.prefix}... is over its limit of {key.rpm} requests per minute "
-                "(counted across every router on this database)",
-                code="rate_limit_requests",
-                retry_after_s=wait_s,
-            )
-
-    def admit(self, key: ApiKey | None, model: str, features: RequestFeatures) -> int:
-        """Apply the key's limits to a request; return the tokens reserved for it.
+    async def admit(self, key: ApiKey | None, model: str, features: RequestFeatures) -> Reservation:
+        """Apply the key's limits to a request; return what it reserved.
 
         The estimate is the prompt length estimated from its text, scaled by
         what the model's nodes reported for earlier prompts, plus the output
@@ -136,16 +131,27 @@ class Tenancy:
         far off (measured 4 estimated against 64 real tokens on the test
         model), and an estimate too low lets a burst of concurrent requests
         overshoot a token limit.
+
+        On PostgreSQL, a key with limits is checked in the shared database,
+        in a worker thread. Raises RateLimitError.
         """
         if key is None:
-            return 0
+            return Reservation()
         prompt_tokens = features.prompt_tokens * self._prompt_scale.get(model, 1.0)
-        return self.limits.admit(key, math.ceil(prompt_tokens + features.max_tokens))
+        estimate = math.ceil(prompt_tokens + features.max_tokens)
+        if self.shared is None or not has_limits(key):
+            return Reservation(self.limits.admit(key, estimate))
+        event_id = await asyncio.to_thread(self.shared.admit, key, estimate)
+        return Reservation(estimate, event_id)
 
-    def release(self, key: ApiKey | None, reserved_tokens: int) -> None:
+    def release(self, key: ApiKey | None, reservation: Reservation) -> None:
         """Give back a reservation of a request that ended before reaching a node."""
-        if key is not None:
-            self.limits.settle(key, key.id, reserved_tokens, 0)
+        if key is None:
+            return
+        if reservation.event_id is not None:
+            self._settle_shared(key, reservation.event_id, 0)
+        else:
+            self.limits.settle(key, key.id, reservation.tokens, 0)
 
     def settle(self, record: RequestRecord) -> None:
         """Charge a finished request's tokens to its key and price them; Proxy.finish calls it."""
@@ -157,10 +163,40 @@ class Tenancy:
             )
         if record.key_id is None:
             return
-        self.limits.settle(
-            self.keys.by_id(record.key_id), record.key_id, record.reserved_tokens, tokens
-        )
+        key = self.keys.by_id(record.key_id)
+        if record.rate_event_id is not None:
+            self._settle_shared(key, record.rate_event_id, tokens)
+        else:
+            self.limits.settle(key, record.key_id, record.reserved_tokens, tokens)
         record.reserved_tokens = 0
+        record.rate_event_id = None
+
+    def _settle_shared(self, key: ApiKey | None, event_id: int, tokens: int) -> None:
+        """Write a settlement to the shared database in a worker thread, off the event loop.
+
+        Until it commits, the request's reservation still counts, so a slow
+        write can only reject too early, never admit too much.
+        """
+        assert self.shared is not None
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self.shared.settle, key, event_id, tokens)
+        self._settling.add(future)
+        future.add_done_callback(functools.partial(self._settled, event_id))
+
+    def _settled(self, event_id: int, future: asyncio.Future[None]) -> None:
+        self._settling.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            # The reservation then counts until it leaves the window.
+            log.error(
+                "writing the tokens of key_rate_events row %d to the shared database failed",
+                event_id,
+                exc_info=future.exception(),
+            )
+
+    async def drain(self) -> None:
+        """Wait for the settlements still being written; call before closing the engine."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     def _learn_prompt_scale(self, record: RequestRecord) -> None:
         """Track the ratio of real to text-estimated prompt tokens per model (moving average)."""
@@ -173,6 +209,8 @@ class Tenancy:
         self._prompt_scale[record.model] = scale
 
     def _load_quota_bases(self, keys: list[ApiKey]) -> None:
+        if self.shared is not None:
+            return  # the shared database counts quotas itself
         for key in keys:
             period_start = self.limits.needs_quota_base(key)
             if period_start is not None:
