@@ -103,7 +103,7 @@ class NodeRoutes:
         kind_text = body.get("kind")
         try:
             config = NodeConfig(url=url, name=name, models=tuple(models), source="api")
-            if kind_text is None:
+            if "kind" not in body:
                 kind = await self._detect(config.url)
             elif isinstance(kind_text, str) and kind_text in tuple(NodeKind):
                 kind = NodeKind(kind_text)
