@@ -23,6 +23,7 @@ from .errors import SollolError, openai_error_body
 from .health import HealthPolicy
 from .history import HistoryWriter, create_history_engine
 from .learned_api import LearnedModelRoutes
+from .loops import LoopGuard, new_instance_id
 from .membership import Membership, NodeStore
 from .metrics import RouterMetrics
 from .nodes_api import NodeRoutes
@@ -68,9 +69,11 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
         node_queue_per_slot=settings.node_queue_per_slot,
     )
     cluster.on_capacity = scheduler.wake  # type: ignore[method-assign]
+    instance_id = new_instance_id()
     client = UpstreamClient(
         connect_timeout_s=settings.connect_timeout_s,
         max_connections=settings.max_upstream_connections,
+        instance_id=instance_id,
     )
     engine = create_history_engine(settings.database_url)
     history = HistoryWriter(engine)
@@ -185,7 +188,10 @@ def create_app(settings: Settings, *, probe_nodes: bool = True) -> Starlette:
             *NodeRoutes(membership, detect_timeout_s=settings.connect_timeout_s).routes(),
             openapi_route(),
         ],
-        middleware=[Middleware(AuthGate, keys=tenancy.keys, sessions=sessions)],
+        middleware=[
+            Middleware(LoopGuard, instance_id=instance_id),
+            Middleware(AuthGate, keys=tenancy.keys, sessions=sessions),
+        ],
         exception_handlers={
             SollolError: _sollol_error,
             HTTPException: _http_error,

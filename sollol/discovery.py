@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .config import ConfigError, NodeConfig, NodeKind
+from .loops import LOOP_STATUS, LoopDetected
 from .upstream import UpstreamClient, UpstreamConnectionError
 
 DEFAULT_PORTS = (11434, 8080)
@@ -58,9 +59,12 @@ class DetectedNode:
 async def detect_node(client: UpstreamClient, url: str, timeout_s: float) -> DetectedNode | None:
     """Return the kind and models of the server at ``url``, or None when it is no node.
 
-    Raises UpstreamConnectionError when the connection to ``url`` fails.
+    Raises UpstreamConnectionError when the connection to ``url`` fails, and
+    LoopDetected when ``url`` is this router, or a router that forwards to it.
     """
     status, body = await client.get(url + "/api/version", timeout_s=timeout_s)
+    if status == LOOP_STATUS:
+        raise LoopDetected(f"{url} leads back to this router")
     if status == 200 and isinstance(body, dict) and isinstance(body.get("version"), str):
         models = await _listed_names(client, url + "/api/tags", "models", "name", timeout_s)
         return DetectedNode(url, NodeKind.OLLAMA, models, body["version"])
@@ -153,7 +157,7 @@ async def scan(
         async with open_slots:
             try:
                 return await detect_node(client, url, timeout_s)
-            except UpstreamConnectionError:
+            except (UpstreamConnectionError, LoopDetected):  # nothing there, or ourselves
                 return None
 
     found = await asyncio.gather(*(try_one(i, url) for i, url in enumerate(targets)))

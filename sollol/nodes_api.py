@@ -23,6 +23,7 @@ from .cluster import Cluster, Node
 from .config import ConfigError, NodeConfig, NodeKind
 from .discovery import detect_node
 from .errors import InvalidRequestError, SollolError
+from .loops import LoopDetected
 from .membership import Membership, NodeNameTaken, NodeNotFound
 from .openai_api import read_json_body
 from .upstream import UpstreamConnectionError
@@ -119,6 +120,12 @@ class NodeRoutes:
     async def _detect(self, url: str) -> NodeKind:
         try:
             found = await detect_node(self._membership.client, url, self._detect_timeout_s)
+        except LoopDetected:
+            raise InvalidRequestError(
+                f"{url} is this router (or a router that sends requests back to it); "
+                "adding it would send requests round in a loop",
+                param="url",
+            ) from None
         except UpstreamConnectionError as exc:
             raise InvalidRequestError(
                 f"could not reach {url} to detect its kind ({exc}); start the node, "

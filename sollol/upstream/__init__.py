@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from ..loops import via_header
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,12 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    def __init__(self, *, connect_timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float, max_connections: int, instance_id: str | None = None
+    ) -> None:
+        # The router's id, sent on every request so a loop back to it is
+        # refused (see sollol.loops); None for tools that are not a router.
+        self.instance_id = instance_id
         # Only the connect timeout is aiohttp's; the proxy times the reply.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
         self._max_connections = max_connections
@@ -90,7 +97,9 @@ class UpstreamClient:
         """GET a URL and return (status, parsed JSON body or None)."""
         session = self._session_for(pooled)
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            async with session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s), headers=self._via()
+            ) as response:
                 body = await response.read()
                 status = response.status
         except aiohttp.ClientConnectorError as exc:
@@ -106,7 +115,7 @@ class UpstreamClient:
         """GET a URL on a new connection and return (status, body as text)."""
         try:
             async with self._session_for(False).get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s), headers=self._via()
             ) as response:
                 return response.status, await response.text(errors="replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -140,8 +149,11 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not called")
         return session
 
+    def _via(self) -> dict[str, str]:
+        return via_header(self.instance_id) if self.instance_id else {}
+
     async def _send_post(self, url: str, body: bytes, *, pooled: bool) -> aiohttp.ClientResponse:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **self._via()}
         if pooled:
             try:
                 return await self._session_for(True).post(url, data=body, headers=headers)
