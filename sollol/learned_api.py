@@ -71,4 +71,3 @@ class LearnedModelRoutes:
 
 def _not_loaded(message: str) -> SollolError:
     return SollolError(message, code="model_not_loaded", status_code=409)
-
