@@ -16,6 +16,7 @@ import asyncio
 import os
 import sys
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -154,7 +155,8 @@ def _add_command(args: argparse.Namespace) -> int:
 
 
 def _change_command(args: argparse.Namespace, method: str, suffix: str) -> int:
-    node = _call(args, method, f"/sollol/nodes/{args.name}{suffix}")
+    # A name may hold characters with a meaning in URLs ("?", "#", "%").
+    node = _call(args, method, f"/sollol/nodes/{quote(args.name, safe='')}{suffix}")
     print(f"node {node['name']}: {node['state']}")
     return 0
 
@@ -181,9 +183,22 @@ def _discover_command(args: argparse.Namespace) -> int:
             print(f"{node.kind.value:<9} {node.url} {','.join(node.models)}")
         print(f"{len(found)} nodes found", file=sys.stderr)
     if args.add:
+        # A node the router has already (409) is skipped, so the command can run
+        # again to pick up new ones; any other refusal fails the command, after
+        # the remaining nodes were tried.
+        failed = False
         for node in found:
-            added = _call(args, "POST", "/sollol/nodes", {"url": node.url, "kind": node.kind.value})
+            try:
+                added = _call(
+                    args, "POST", "/sollol/nodes", {"url": node.url, "kind": node.kind.value}
+                )
+            except RouterReplyError as exc:
+                failed = failed or exc.status_code != 409
+                print(f"not added: {node.url}: {exc}", file=sys.stderr)
+                continue
             print(f"added node {added['name']} ({added['kind']}, {added['url']})", file=sys.stderr)
+        if failed:
+            return 1
     return 0
 
 
@@ -208,10 +223,21 @@ def _call(
         reply = None
     if response.status_code >= 400:
         message = reply["error"]["message"] if _is_error(reply) else response.text[:200]
-        raise ConfigError(f"{method} {path} failed with HTTP {response.status_code}: {message}")
+        raise RouterReplyError(
+            f"{method} {path} failed with HTTP {response.status_code}: {message}",
+            status_code=response.status_code,
+        )
     if not isinstance(reply, dict):
         raise ConfigError(f"{method} {path}: the router's reply is not a JSON object")
     return reply
+
+
+class RouterReplyError(ConfigError):
+    """The router answered an admin request with an error status."""
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 def _is_error(reply: object) -> bool:

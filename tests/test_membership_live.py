@@ -235,6 +235,17 @@ def test_discover_adds_found_nodes(router, doubles):
         kinds = {node["url"]: node["kind"] for node in nodes_of(router).values()}
         assert kinds[doubles[1].url] == "ollama"
         assert kinds[openai_node.url] == "openai"
+        # Again: the nodes are there already, and the command still succeeds.
+        sollol("discover", "--cidr", "127.0.0.1/32", "--ports", ports, "--add",
+               "--url", router.base_url)  # fmt: skip
+
+
+def test_names_with_url_characters(router, doubles):
+    sollol("nodes", "add", doubles[1].url, "--name", "b?x#1", "--url", router.base_url)
+    sollol("nodes", "drain", "b?x#1", "--url", router.base_url)
+    assert nodes_of(router)["b?x#1"]["state"] in {"draining", "drained"}
+    sollol("nodes", "remove", "b?x#1", "--url", router.base_url)
+    assert "b?x#1" not in nodes_of(router)
 
 
 def test_serve_with_nothing_configured(tmp_path, doubles):
