@@ -1,20 +1,23 @@
 """Routing loops: a router added as its own node, or two routers that list each other.
 
 Every router sends ``x-sollol-via`` on each request to a node: the routers the
-client's request has passed through, its own id last. ``LoopGuard`` answers
-508 to a request that names this router already, or that has passed through
+client's request has passed through, its own id last. ``LoopGuard`` returns
+508 for a request that names this router already, or that has passed through
 ``MAX_HOPS`` routers, so a loop ends at once instead of sending the request
 round until the connections run out. Probes carry the header too, so a router
 probing itself gets 508 and never counts itself as a healthy node.
 """
 
 import contextvars
+import logging
 import secrets
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import openai_error_body
+
+log = logging.getLogger(__name__)
 
 VIA_HEADER = "x-sollol-via"
 MAX_HOPS = 8
@@ -29,12 +32,12 @@ def new_instance_id() -> str:
 
 
 def via_header(instance_id: str) -> dict[str, str]:
-    """The header for a request this router sends to a node."""
+    """Return the header for a request this router sends to a node."""
     return {VIA_HEADER: ",".join((*_via.get(), instance_id))}
 
 
 class LoopDetected(Exception):
-    """A node answered 508: its URL leads back to this router."""
+    """A node returned 508: its URL leads back to this router."""
 
 
 class LoopGuard:
@@ -51,7 +54,11 @@ class LoopGuard:
             if name == VIA_HEADER.encode():
                 via += tuple(part.strip() for part in value.decode("latin-1").split(",") if part)
         if self.instance_id in via or len(via) >= MAX_HOPS:
-            await _refuse(scope, send, via, self.instance_id)
+            log.warning(
+                "routing loop rejected: %s %s passed through %s", scope["method"], scope["path"],
+                ",".join(via),
+            )  # fmt: skip
+            await _reject(scope, send, via, self.instance_id)
             return
         token = _via.set(via)
         try:
@@ -60,7 +67,7 @@ class LoopGuard:
             _via.reset(token)
 
 
-async def _refuse(scope: Scope, send: Send, via: tuple[str, ...], instance_id: str) -> None:
+async def _reject(scope: Scope, send: Send, via: tuple[str, ...], instance_id: str) -> None:
     if instance_id in via:
         message = (
             "routing loop: this request has already passed through this router; a node "

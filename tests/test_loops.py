@@ -1,4 +1,4 @@
-"""Routing loops: a router never takes, or serves, requests that have passed through it."""
+"""Routing loops: a router rejects requests that have passed through it already."""
 
 import httpx
 import openai
@@ -27,13 +27,13 @@ async def own_id(app) -> str:
     return app.state.client.instance_id
 
 
-async def test_request_that_passed_through_this_router_gets_508(app):
+async def test_own_id_gets_508(app):
     response = await post(app, "/v1/chat/completions", f"other,{await own_id(app)}")
     assert response.status_code == 508
     assert response.json()["error"]["code"] == "routing_loop"
 
 
-async def test_ollama_routes_answer_a_loop_in_ollama_shape(app):
+async def test_loop_on_ollama_route_shape(app):
     response = await post(app, "/api/chat", await own_id(app))
     assert response.status_code == 508
     assert set(response.json()) == {"error"}
@@ -48,7 +48,7 @@ async def test_too_many_hops_get_508(app):
 
 
 @pytest.mark.llamacpp
-def test_router_refuses_itself_as_a_node_and_never_routes_to_itself(router):
+def test_router_rejects_itself_as_node(router):
     url = router.base_url
     refused = httpx.post(url + "/sollol/nodes", json={"url": url, "name": "self"})
     assert refused.status_code == 400
