@@ -22,12 +22,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Alembic lists every plugin it sets up at INFO, on every start.
+    # Alembic lists every plugin it sets up, and httpx every request (the admin
+    # commands), at INFO.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
-        print(f"sollol: configuration error: {exc}", file=sys.stderr)
+        # Errors the router returned to an admin command are not about configuration.
+        label = getattr(exc, "label", "configuration error")
+        print(f"sollol: {label}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -124,7 +124,7 @@ def scan_targets(cidr: str, ports: Iterable[int], max_targets: int) -> list[str]
     total = network.num_addresses * len(ports)
     if total > max_targets:
         raise ConfigError(
-            f"scanning {cidr} on {len(ports)} ports means {total} connections, over the "
+            f"scanning {cidr} on {len(ports)} port(s) means {total} connections, over the "
             f"limit of {max_targets}; narrow --cidr or raise --max-targets"
         )
     targets = []

@@ -194,8 +194,16 @@ class Membership:
     async def add(self, config: NodeConfig, *, source: str = "api") -> Node:
         """Add a node, or bring back a drained one with the same URL and kind.
 
-        Raises NodeNameTaken when an active node, or one at another URL, has the name.
+        Raises NodeNameTaken when an active node, or one at another URL, has the
+        name, or when another node has the URL already: one server listed twice
+        would count its slots twice.
         """
+        for other in self.cluster.nodes:
+            if other.url == config.url and other.name != config.name:
+                raise NodeNameTaken(
+                    f"{config.url} is node {other.name!r} already; remove that node first "
+                    "to add it under another name"
+                )
         node = self.cluster.find(config.name)
         if node is not None and not (
             node.draining and node.url == config.url and node.kind is config.kind

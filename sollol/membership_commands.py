@@ -235,6 +235,8 @@ def _call(
 class RouterReplyError(ConfigError):
     """The router answered an admin request with an error status."""
 
+    label = "error"
+
     def __init__(self, message: str, *, status_code: int) -> None:
         super().__init__(message)
         self.status_code = status_code

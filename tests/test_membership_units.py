@@ -149,6 +149,9 @@ async def test_membership_errors(membership):
         await membership.drain("zz")
     with pytest.raises(NodeNameTaken, match="already exists"):
         await membership.add(node_config("a", 9999))
+    # Node "a" is at port 9000: the same server under another name would count twice.
+    with pytest.raises(NodeNameTaken, match="is node 'a' already"):
+        await membership.add(node_config("a-again", 9000))
 
 
 async def test_add_resumes_drained(membership):
