@@ -351,12 +351,12 @@ class Cluster:
 
     async def _probe(self, client: UpstreamClient, node: Node, timeout_s: float) -> None:
         was_up = node.health.up
-        refused = False
+        connect_failed = False
         try:
             healthy, models, detail = await probe_node(client, node, timeout_s)
         except UpstreamConnectionError as exc:
             healthy, models, detail = False, None, str(exc)
-            refused = exc.connect_failed
+            connect_failed = exc.connect_failed
         now = time.monotonic()
         node.checked_at = now
         if healthy:
@@ -370,7 +370,7 @@ class Cluster:
                 self.signals.in_flight(node.index) > 0
                 and now - node.last_progress_at < self.progress_window_s
             )
-            if refused and not streaming:
+            if connect_failed and not streaming:
                 # Nothing listens there now (a killed process, a shard group
                 # whose supervisor stopped it): out at once, as for a request.
                 node.health.unreachable()

@@ -216,8 +216,7 @@ AUTH_MODES = ("auto", "required")
 OLLAMA_DEFAULT_PORT = 11434
 
 
-# What a config file may hold at its top level: [server], [[nodes]],
-# [[shard_groups]] and [costs].
+# Tables allowed at the top level of a config file.
 _TOP_LEVEL_TABLES = frozenset({"server", "nodes", "shard_groups", "costs"})
 
 

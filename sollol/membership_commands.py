@@ -184,8 +184,8 @@ def _discover_command(args: argparse.Namespace) -> int:
         print(f"{len(found)} nodes found", file=sys.stderr)
     if args.add:
         # A node the router has already (409) is skipped, so the command can run
-        # again to pick up new ones; any other refusal fails the command, after
-        # the remaining nodes were tried.
+        # again to pick up new ones. Any other error fails the command once the
+        # remaining nodes were tried.
         failed = False
         for node in found:
             try:
@@ -233,7 +233,7 @@ def _call(
 
 
 class RouterReplyError(ConfigError):
-    """The router answered an admin request with an error status."""
+    """An error status the router returned for an admin request."""
 
     label = "error"
 

@@ -151,7 +151,10 @@ class KeyLimits:
         start, _ = period_bounds(key.quota_period, self._clock())
         period, charged = self._quota_charged.get(key.id, (start, 0))
         base_period, base = self._quota_base.get(key.id, (start, 0))
-        return (charged if period == start else 0) + (base if base_period == start else 0)
+        used = charged if period == start else 0
+        if base_period == start:
+            used += base
+        return used
 
     def _retry_after_s(self, reset_time: float) -> float:
         return max(1.0, reset_time - self._clock())

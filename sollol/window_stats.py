@@ -9,8 +9,8 @@ and the request path only appends to lists.
 
 Threads: ``add`` runs on the event loop; ``summary`` may run in a worker
 thread at the same time. Only ``add`` drops old buckets, and ``summary``
-iterates over copies of the bucket deque and of each bucket's groups, so it
-never sees them change under it; lists only grow, and it reads a prefix.
+iterates over copies of the bucket deque and of each bucket's groups, so they
+do not change while it reads them. Lists only grow, and it reads a prefix.
 
 Each group keeps at most ``max_samples`` values per bucket; counts stay exact
 and beyond that bound the percentiles come from the first values of the bucket.
@@ -134,10 +134,7 @@ class LatencyWindow:
                 if not closed:
                     continue
                 entry["count"] += n[0]
-                for name, value in latency.items():
-                    entry["series"]["latency_ms"][name][position] = value
-                for name, value in ttft.items():
-                    entry["series"]["ttft_ms"][name][position] = value
+                _set_bucket(entry, position, latency, ttft)
 
         for group, (latencies, ttfts) in window.items():
             groups[group]["latency_ms"] = _percentiles(latencies)
@@ -172,10 +169,7 @@ class LatencyWindow:
                 entry = self._groups[group] = _empty_group(self.bucket_count)
                 summary["by_" + group[0]][group[1]] = entry
             entry["count"] = self._closed_counts.get(group, 0) + bucket.samples[group][0][0]
-            for name, value in latency.items():
-                entry["series"]["latency_ms"][name][-1] = value
-            for name, value in ttft.items():
-                entry["series"]["ttft_ms"][name][-1] = value
+            _set_bucket(entry, -1, latency, ttft)
 
     def _bucket_at(self, index: int) -> _Bucket:
         if self._buckets and self._buckets[-1].index == index:
@@ -211,6 +205,14 @@ def _empty_group(buckets: int) -> dict[str, Any]:
             "ttft_ms": {name: [None] * buckets for name in _NO_VALUES},
         },
     }
+
+
+def _set_bucket(entry: dict[str, Any], position: int, latency: dict, ttft: dict) -> None:
+    """Write one bucket's percentiles into a group's series."""
+    for name, value in latency.items():
+        entry["series"]["latency_ms"][name][position] = value
+    for name, value in ttft.items():
+        entry["series"]["ttft_ms"][name][position] = value
 
 
 def _by_kind(groups: dict[Group, dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:

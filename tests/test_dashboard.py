@@ -177,10 +177,10 @@ def test_dashboard_stream_limit_and_shutdown(dashboard_router):
             stream = streams.enter_context(http.stream("GET", url + "/dashboard/events"))
             readers.append(stream.iter_lines())
             assert read_events(readers[-1], 1)[0]["open_dashboards"] == count
-        refused = http.get(url + "/dashboard/events")
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "too_many_dashboards"
-        assert "Retry-After" in refused.headers
+        rejected = http.get(url + "/dashboard/events")
+        assert rejected.status_code == 503
+        assert rejected.json()["error"]["code"] == "too_many_dashboards"
+        assert "Retry-After" in rejected.headers
 
         assert dashboard_router.process is not None
         stopping = time.monotonic()

@@ -50,12 +50,12 @@ async def test_too_many_hops_get_508(app):
 @pytest.mark.llamacpp
 def test_router_rejects_itself_as_node(router):
     url = router.base_url
-    refused = httpx.post(url + "/sollol/nodes", json={"url": url, "name": "self"})
-    assert refused.status_code == 400
-    assert "is this router" in refused.json()["error"]["message"]
+    rejected = httpx.post(url + "/sollol/nodes", json={"url": url, "name": "self"})
+    assert rejected.status_code == 400
+    assert "is this router" in rejected.json()["error"]["message"]
 
-    # Given a kind, nothing is detected and the node is added; its probes get
-    # 508, so it never becomes healthy, and requests go to the real nodes.
+    # Given a kind, nothing is detected and the node is added. Its probes get
+    # 508, so it never becomes healthy and requests go to the real nodes.
     added = httpx.post(url + "/sollol/nodes", json={"url": url, "name": "self", "kind": "ollama"})
     assert added.status_code == 201
     try:

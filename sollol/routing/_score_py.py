@@ -67,9 +67,9 @@ def _peer_defaults(
     """Return the stand-ins for a candidate's unmeasured TTFT and decode speed.
 
     They are the means over the candidates measured so far, so a node that has
-    not served the model yet looks like its peers: it is tried, and measured,
-    instead of being shunned (fixed guesses far slower than the real nodes) or
-    flooded (guesses far faster). With no candidate measured, fixed guesses.
+    not served the model yet scores like its peers and gets tried and measured.
+    Fixed guesses far from the real speeds would shun or flood it. With no
+    candidate measured, the fixed guesses apply.
     """
     ttft_sum = tps_sum = 0.0
     ttft_count = tps_count = 0
